@@ -1,0 +1,1 @@
+//! `filesystem.Filesystem`: stat, list, mkdir, move, remove, watch.
