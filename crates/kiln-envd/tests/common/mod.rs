@@ -2,7 +2,7 @@
 //! binary on a free loopback port and talk to it over HTTP.
 //!
 //! These tests run as root (envd switches to other users) and expect the
-//! user `user` (uid 1000) to exist, as `scripts/test.sh` ensures.
+//! user `user` (any uid) to exist, as `scripts/test.sh` ensures.
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
