@@ -1,0 +1,3 @@
+//! Kiln's node runtime: turns templates into running, isolated sandboxes.
+
+pub mod network;

@@ -1,0 +1,1 @@
+//! Per-sandbox network namespaces, veth pairs, NAT and egress policy.
