@@ -1,3 +1,58 @@
 //! Kiln's node runtime: turns templates into running, isolated sandboxes.
+//!
+//! Where things happen, one place each:
+//! - a sandbox is created (cold boot or restore of its template's snapshot) in
+//!   [`sandbox::create`], paused and resumed in [`sandbox::pause`], destroyed in
+//!   [`sandbox::destroy`];
+//! - a template's snapshot is made in [`template::snapshot_template`];
+//! - gVisor is driven through [`runsc`], networking through [`network`].
 
+pub mod envd;
 pub mod network;
+pub mod runsc;
+pub mod runtime;
+pub mod sandbox;
+pub mod spec;
+pub mod template;
+
+pub use runtime::{CreateRequest, Runtime, RuntimeConfig, SandboxInfo, SandboxState};
+pub use spec::Resources;
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("runsc {what} failed: {detail}")]
+    Runsc { what: String, detail: String },
+    #[error("network: {0}")]
+    Network(#[from] network::NetworkError),
+    #[error("envd: {0}")]
+    Envd(String),
+    #[error("template '{0}' not found")]
+    TemplateNotFound(String),
+    #[error("template '{id}' is not usable: {reason}")]
+    TemplateInvalid { id: String, reason: String },
+    #[error("sandbox '{0}' not found")]
+    SandboxNotFound(String),
+    #[error("sandbox '{id}' is {state}, cannot {action}")]
+    InvalidState {
+        id: String,
+        state: String,
+        action: &'static str,
+    },
+    #[error("sandbox id '{0}' already exists")]
+    AlreadyExists(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

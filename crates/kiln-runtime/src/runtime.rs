@@ -1,0 +1,232 @@
+//! The runtime of one node: its configuration, its sandboxes and their records.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::envd::ENVD_PORT;
+use crate::network::{EgressPolicy, NetworkConfig, NetworkManager, Slot};
+use crate::runsc::Runsc;
+use crate::spec::Resources;
+
+/// Where a node keeps its state and how it runs gVisor.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Templates, paused sandboxes' snapshots, records (`/var/lib/kiln`).
+    pub data_dir: PathBuf,
+    /// runsc state, bundles and logs of running sandboxes (`/run/kiln`).
+    pub run_dir: PathBuf,
+    pub runsc: PathBuf,
+    pub platform: String,
+    pub network: NetworkConfig,
+}
+
+impl RuntimeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            run_dir: run_dir.into(),
+            runsc: PathBuf::from("runsc"),
+            platform: "systrap".into(),
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+/// The life of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    Killed,
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown"))
+    }
+}
+
+/// What a new sandbox should be.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub template_id: String,
+    /// Chosen by the runtime when `None`.
+    pub sandbox_id: Option<String>,
+    pub env_vars: HashMap<String, String>,
+    /// When set, envd requires it on every request.
+    pub access_token: Option<String>,
+    pub egress: EgressPolicy,
+    /// Boot the template's rootfs instead of restoring its snapshot.
+    pub cold: bool,
+}
+
+/// The persistent record of a sandbox (`data_dir/sandboxes/<id>/record.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub template_id: String,
+    pub state: SandboxState,
+    pub resources: Resources,
+    pub env_vars: HashMap<String, String>,
+    pub access_token: Option<String>,
+    pub egress: EgressPolicy,
+    pub slot: Option<Slot>,
+    pub started_at: SystemTime,
+}
+
+/// What callers see of a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub template_id: String,
+    pub state: SandboxState,
+    pub resources: Resources,
+    /// envd's address while running.
+    pub envd_addr: Option<SocketAddr>,
+    pub ip: Option<Ipv4Addr>,
+    pub started_at: SystemTime,
+}
+
+pub(crate) struct Entry {
+    pub(crate) record: Mutex<SandboxRecord>,
+    /// Serialises lifecycle operations on one sandbox.
+    pub(crate) op: tokio::sync::Mutex<()>,
+}
+
+/// One node's sandboxes.
+pub struct Runtime {
+    pub(crate) cfg: RuntimeConfig,
+    pub(crate) runsc: Runsc,
+    pub(crate) net: Arc<NetworkManager>,
+    pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl Runtime {
+    /// Starts the runtime: creates its directories, sets up networking and
+    /// recovers what an earlier run left (see [`crate::sandbox::recover`]).
+    pub fn start(cfg: RuntimeConfig) -> Result<Arc<Runtime>, Error> {
+        for dir in [
+            cfg.data_dir.join("templates"),
+            cfg.data_dir.join("sandboxes"),
+            cfg.run_dir.join("runsc"),
+            cfg.run_dir.join("sandboxes"),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let runsc = Runsc {
+            bin: cfg.runsc.clone(),
+            root: cfg.run_dir.join("runsc"),
+            platform: cfg.platform.clone(),
+        };
+        let records = crate::sandbox::recover::load_records(&cfg.data_dir);
+        let net = crate::sandbox::recover::adopt_network(&cfg, &runsc, &records)?;
+        let runtime = Arc::new(Runtime {
+            cfg,
+            runsc,
+            net,
+            sandboxes: Mutex::new(HashMap::new()),
+        });
+        crate::sandbox::recover::recover(&runtime, records);
+        Ok(runtime)
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn sandbox_data_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    pub(crate) fn sandbox_run_dir(&self, id: &str) -> PathBuf {
+        self.cfg.run_dir.join("sandboxes").join(id)
+    }
+
+    pub(crate) fn entry(&self, id: &str) -> Result<Arc<Entry>, Error> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::SandboxNotFound(id.to_string()))
+    }
+
+    /// Every sandbox this node knows.
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let entries: Vec<Arc<Entry>> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        entries.iter().map(|e| info_of(&e.record.lock().unwrap_or_else(|e| e.into_inner()))).collect()
+    }
+
+    pub fn info(&self, id: &str) -> Result<SandboxInfo, Error> {
+        let entry = self.entry(id)?;
+        let record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(info_of(&record))
+    }
+
+    /// Removes every sandbox's network and the node's firewall table (tests, shutdown).
+    pub fn shutdown_network(&self) -> Result<(), Error> {
+        Ok(self.net.shutdown()?)
+    }
+}
+
+pub(crate) fn info_of(r: &SandboxRecord) -> SandboxInfo {
+    let running = r.state == SandboxState::Running;
+    let ip = r.slot.as_ref().filter(|_| running).map(|s| s.sandbox_ip);
+    SandboxInfo {
+        id: r.id.clone(),
+        template_id: r.template_id.clone(),
+        state: r.state,
+        resources: r.resources,
+        envd_addr: ip.map(|ip| SocketAddr::new(ip.into(), ENVD_PORT)),
+        ip,
+        started_at: r.started_at,
+    }
+}
+
+/// Writes a record atomically (temp file + rename).
+pub(crate) fn save_record(dir: &Path, record: &SandboxRecord) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let tmp = dir.join("record.json.tmp");
+    let text = serde_json::to_vec_pretty(record).map_err(|e| Error::io("encoding record", std::io::Error::other(e)))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, dir.join("record.json"))
+        .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))
+}
+
+/// A new sandbox id: 20 lowercase letters and digits. Fixed length matters:
+/// runsc matches container ids by prefix.
+pub fn new_sandbox_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let mut id = String::with_capacity(20);
+    id.push(ALPHABET[rng.gen_range(0..26)] as char);
+    for _ in 1..20 {
+        id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
+    }
+    id
+}
+
+/// Whether `id` is an acceptable sandbox id.
+pub fn valid_sandbox_id(id: &str) -> bool {
+    id.len() == 20
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}

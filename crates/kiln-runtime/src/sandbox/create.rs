@@ -1,0 +1,220 @@
+//! Creating sandboxes: a restore of the template's snapshot (or a cold boot).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::Error;
+use crate::envd::{ENVD_PORT, EnvdClient, InitRequest, fresh_entropy};
+use crate::network::{EgressPolicy, Slot};
+use crate::runtime::{
+    CreateRequest, Entry, Runtime, SandboxInfo, SandboxRecord, SandboxState, info_of, new_sandbox_id,
+    save_record, valid_sandbox_id,
+};
+use crate::template::TemplateMeta;
+
+/// A container that is up and whose envd answers.
+pub(crate) struct Booted {
+    pub(crate) slot: Slot,
+    pub(crate) client: EnvdClient,
+    pub(crate) log: PathBuf,
+}
+
+/// Starts container `cid` from `rootfs`: a restore of `image` when given, else
+/// a cold boot. On failure nothing of it is left behind.
+pub(crate) async fn boot(
+    rt: &Arc<Runtime>,
+    cid: &str,
+    meta: &TemplateMeta,
+    rootfs: &Path,
+    image: Option<&Path>,
+    egress: &EgressPolicy,
+) -> Result<Booted, Error> {
+    let net = rt.net.clone();
+    let policy = egress.clone();
+    let slot = tokio::task::spawn_blocking(move || -> Result<Slot, Error> {
+        let slot = net.acquire(&policy)?;
+        if let Err(e) = net.prepare(&slot) {
+            let _ = net.release(slot.index);
+            return Err(e.into());
+        }
+        Ok(slot)
+    })
+    .await
+    .map_err(|e| Error::io("network task", std::io::Error::other(e)))??;
+
+    let run_dir = rt.sandbox_run_dir(cid);
+    let bundle = run_dir.join("bundle");
+    let log = run_dir.join("runsc.log");
+    let spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, &meta.resources);
+    let started = (|| {
+        crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e))
+    })();
+    let started = match started {
+        Ok(()) => {
+            let (rt2, cid2, bundle2, log2) = (rt.clone(), cid.to_string(), bundle.clone(), log.clone());
+            let image = image.map(Path::to_path_buf);
+            tokio::task::spawn_blocking(move || match image {
+                Some(image) => rt2.runsc.restore(&cid2, &bundle2, &image, &log2),
+                None => rt2.runsc.run(&cid2, &bundle2, &log2),
+            })
+            .await
+            .map_err(|e| Error::io("runsc task", std::io::Error::other(e)))?
+        }
+        Err(e) => Err(e),
+    };
+    let client = EnvdClient::new(SocketAddr::new(slot.sandbox_ip.into(), ENVD_PORT), None);
+    let healthy = match started {
+        Ok(()) => client.wait_healthy(Duration::from_secs(20)).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = healthy {
+        tracing::warn!(container = %cid, error = %e, "boot failed");
+        crate::sandbox::destroy::teardown_container(rt, cid, Some(slot.index));
+        return Err(e);
+    }
+    Ok(Booted { slot, client, log })
+}
+
+impl Runtime {
+    /// Creates a sandbox from a template: restores the template's snapshot
+    /// (or boots it cold) in a fresh network namespace, then hands envd the
+    /// sandbox's env vars, access token, clock and fresh entropy.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<SandboxInfo, Error> {
+        let meta = self.template(&req.template_id)?;
+        let image = (!req.cold && self.has_snapshot(&meta.id)).then(|| self.template_snapshot(&meta.id).clone());
+        if !req.cold && image.is_none() {
+            return Err(Error::TemplateInvalid {
+                id: meta.id.clone(),
+                reason: "it has no snapshot yet".into(),
+            });
+        }
+        let id = match req.sandbox_id.clone() {
+            Some(id) if !valid_sandbox_id(&id) => return Err(Error::SandboxNotFound(id)),
+            Some(id) => id,
+            None => new_sandbox_id(),
+        };
+        let span = tracing::info_span!("create", sandbox = %id, template = %meta.id);
+        let _enter = span.enter();
+        let record = SandboxRecord {
+            id: id.clone(),
+            template_id: meta.id.clone(),
+            state: SandboxState::Creating,
+            resources: meta.resources,
+            env_vars: req.env_vars.clone(),
+            access_token: req.access_token.clone(),
+            egress: req.egress.clone(),
+            slot: None,
+            started_at: SystemTime::now(),
+        };
+        let entry = Arc::new(Entry {
+            record: Mutex::new(record),
+            op: tokio::sync::Mutex::new(()),
+        });
+        {
+            let mut map = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            if map.contains_key(&id) {
+                return Err(Error::AlreadyExists(id));
+            }
+            map.insert(id.clone(), entry.clone());
+        }
+        let _op = entry.op.lock().await;
+        let rootfs = self.template_rootfs(&meta.id);
+        let result = async {
+            let booted = boot(self, &id, &meta, &rootfs, image.as_deref(), &req.egress).await?;
+            let mut client = booted.client.clone();
+            let init = InitRequest {
+                env_vars: req.env_vars.clone(),
+                access_token: req.access_token.clone(),
+                default_user: Some(meta.user.clone()),
+                default_workdir: meta.workdir.clone(),
+                timestamp: Some(now_rfc3339()),
+                entropy: Some(fresh_entropy()),
+                hostname: Some(format!("kiln-{}", &id[..8])),
+            };
+            if let Err(e) = client.init(&init).await {
+                crate::sandbox::destroy::teardown_container(self, &id, Some(booted.slot.index));
+                return Err(e);
+            }
+            if req.cold {
+                if let Some(cmd) = &meta.start_cmd {
+                    client.start_background(cmd, &meta.user, "start").await?;
+                }
+            }
+            Ok(booted.slot)
+        }
+        .await;
+        match result {
+            Ok(slot) => {
+                let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+                record.state = SandboxState::Running;
+                record.slot = Some(slot);
+                save_record(&self.sandbox_data_dir(&id), &record)?;
+                tracing::info!("sandbox running");
+                Ok(info_of(&record))
+            }
+            Err(e) => {
+                self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                let _ = std::fs::remove_dir_all(self.sandbox_data_dir(&id));
+                Err(e)
+            }
+        }
+    }
+
+    /// A client for the envd of a running sandbox.
+    pub fn envd(&self, id: &str) -> Result<EnvdClient, Error> {
+        let entry = self.entry(id)?;
+        let record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+        let info = info_of(&record);
+        match info.envd_addr {
+            Some(addr) => Ok(EnvdClient::new(addr, record.access_token.clone())),
+            None => Err(Error::InvalidState {
+                id: id.to_string(),
+                state: record.state.to_string(),
+                action: "reach envd",
+            }),
+        }
+    }
+}
+
+/// The current time in RFC 3339 (UTC, nanoseconds).
+pub(crate) fn now_rfc3339() -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        now.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_788), (2026, 12, 1));
+    }
+}

@@ -1,0 +1,6 @@
+//! Sandbox lifecycle: each operation lives in one module.
+
+pub mod create;
+pub mod destroy;
+pub mod pause;
+pub mod recover;

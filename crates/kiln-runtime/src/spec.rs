@@ -1,0 +1,113 @@
+//! The OCI runtime spec (`config.json`) of a sandbox.
+//!
+//! envd is the sandbox's init (PID 1): processes started by `runsc exec` that
+//! are alive at checkpoint time break restore, so envd starts and owns every
+//! process. The template's root filesystem is shared read-only by all of its
+//! sandboxes; each sandbox's writes live in its in-memory overlay.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+/// Resources of one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    /// Most processes and threads inside the sandbox at once.
+    pub pids: i64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            vcpus: 2,
+            memory_mb: 512,
+            pids: 4096,
+        }
+    }
+}
+
+const CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_NET_ADMIN",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_TIME",
+    "CAP_SYS_RESOURCE",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
+
+/// Builds the spec of sandbox `id` running `rootfs` in network namespace `netns`.
+pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources) -> Value {
+    let caps: Vec<&str> = CAPABILITIES.to_vec();
+    let period: u64 = 100_000;
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": ["/usr/bin/envd"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "RUST_LOG=info",
+            ],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64 }],
+            "noNewPrivileges": false
+        },
+        "root": { "path": rootfs, "readonly": true },
+        "hostname": "kiln",
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] },
+            { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "nodev", "mode=1777"] }
+        ],
+        "linux": {
+            "namespaces": [
+                { "type": "pid" },
+                { "type": "ipc" },
+                { "type": "uts" },
+                { "type": "mount" },
+                { "type": "network", "path": netns }
+            ],
+            "cgroupsPath": format!("/kiln/{id}"),
+            "resources": {
+                "memory": { "limit": resources.memory_mb * 1024 * 1024 },
+                "cpu": { "quota": resources.vcpus as u64 * period, "period": period },
+                "pids": { "limit": resources.pids }
+            }
+        }
+    })
+}
+
+/// Writes `spec` as `bundle/config.json`.
+pub fn write_bundle(bundle: &Path, spec: &Value) -> std::io::Result<()> {
+    std::fs::create_dir_all(bundle)?;
+    let text = serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?;
+    std::fs::write(bundle.join("config.json"), text)
+}
