@@ -33,11 +33,13 @@ pub(crate) fn run_script(
         drop(stdin);
         res
     });
-    let out = child.wait_with_output().map_err(|source| NetworkError::Spawn {
-        context: context.to_string(),
-        command: command.clone(),
-        source,
-    })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| NetworkError::Spawn {
+            context: context.to_string(),
+            command: command.clone(),
+            source,
+        })?;
     let write_res = writer.join().unwrap_or(Ok(()));
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();

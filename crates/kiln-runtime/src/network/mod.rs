@@ -189,7 +189,10 @@ impl NetworkManager {
 
     fn build_slot(&self, index: u32, policy: &EgressPolicy) -> Result<(), NetworkError> {
         if self.links_exist_any(index) {
-            tracing::warn!(index, "stale network objects for a free slot; removing them");
+            tracing::warn!(
+                index,
+                "stale network objects for a free slot; removing them"
+            );
             self.teardown_links(index)?;
         }
         self.create_links(index)?;
@@ -286,7 +289,12 @@ impl NetworkManager {
             gmac = slot.mac,
             host = slot.host_ip,
         );
-        cmd::ip_batch(None, false, &script, &format!("creating netns/veth of slot {index}"))?;
+        cmd::ip_batch(
+            None,
+            false,
+            &script,
+            &format!("creating netns/veth of slot {index}"),
+        )?;
         self.host_veth_sysctls(index)?;
         self.configure_guest(index)
     }
@@ -298,7 +306,10 @@ impl NetworkManager {
         if self.layout.dns_upstream.is_some_and(|u| u.is_loopback()) {
             // A DNAT to 127.x from a non-loopback interface is a martian unless route_localnet is
             // on. The input hook still drops everything else addressed to 127/8 from sandboxes.
-            cmd::write_sysctl(&format!("/proc/sys/net/ipv4/conf/{veth}/route_localnet"), "1")?;
+            cmd::write_sysctl(
+                &format!("/proc/sys/net/ipv4/conf/{veth}/route_localnet"),
+                "1",
+            )?;
         }
         Ok(())
     }
@@ -355,7 +366,12 @@ impl NetworkManager {
         if script.is_empty() {
             return Ok(());
         }
-        cmd::ip_batch(None, false, &script, &format!("deleting netns/veth of slot {index}"))
+        cmd::ip_batch(
+            None,
+            false,
+            &script,
+            &format!("deleting netns/veth of slot {index}"),
+        )
     }
 
     /// Deletes every netns and host veth of this prefix whose index is not in `keep`.

@@ -21,17 +21,17 @@ use super::config::{EgressPolicy, Layout};
 
 /// Destinations a sandbox may not reach unless they are in its `allow_out`.
 pub(crate) const BLOCKED_RANGES: &[&str] = &[
-    "0.0.0.0/8",       // "this" network
-    "10.0.0.0/8",      // RFC 1918
-    "100.64.0.0/10",   // carrier-grade NAT
-    "127.0.0.0/8",     // loopback
-    "169.254.0.0/16",  // link-local, incl. cloud metadata 169.254.169.254
-    "172.16.0.0/12",   // RFC 1918
-    "192.0.0.0/24",    // IETF protocol assignments
-    "192.168.0.0/16",  // RFC 1918
-    "198.18.0.0/15",   // benchmarking
-    "224.0.0.0/4",     // multicast
-    "240.0.0.0/4",     // reserved + limited broadcast
+    "0.0.0.0/8",      // "this" network
+    "10.0.0.0/8",     // RFC 1918
+    "100.64.0.0/10",  // carrier-grade NAT
+    "127.0.0.0/8",    // loopback
+    "169.254.0.0/16", // link-local, incl. cloud metadata 169.254.169.254
+    "172.16.0.0/12",  // RFC 1918
+    "192.0.0.0/24",   // IETF protocol assignments
+    "192.168.0.0/16", // RFC 1918
+    "198.18.0.0/15",  // benchmarking
+    "224.0.0.0/4",    // multicast
+    "240.0.0.0/4",    // reserved + limited broadcast
 ];
 
 /// Renders an anonymous nft set of merged IPv4 prefixes, or `None` when empty.
@@ -130,7 +130,10 @@ pub(crate) fn table_script(layout: &Layout, slots: &[(u32, &EgressPolicy)]) -> S
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
     );
     // Sandbox to sandbox: never, whatever allow_out says.
-    let _ = writeln!(s, "    iifname \"{veths}\" oifname \"{veths}\" counter drop");
+    let _ = writeln!(
+        s,
+        "    iifname \"{veths}\" oifname \"{veths}\" counter drop"
+    );
     let _ = writeln!(s, "    iifname \"{veths}\" iifname vmap @slots");
     let _ = writeln!(s, "    iifname \"{veths}\" counter drop");
     let _ = writeln!(
@@ -223,7 +226,9 @@ mod tests {
     fn table_has_dnat_masquerade_and_guards() {
         let s = table_script(&layout(), &[]);
         assert!(s.contains("iifname \"kiln-h*\" ip daddr 10.11.255.254 meta l4proto { tcp, udp } th dport 53 dnat ip to 127.0.0.53"));
-        assert!(s.contains("ip saddr 10.11.0.0/16 ip daddr != 10.11.0.0/16 oifname \"eth0\" masquerade"));
+        assert!(s.contains(
+            "ip saddr 10.11.0.0/16 ip daddr != 10.11.0.0/16 oifname \"eth0\" masquerade"
+        ));
         assert!(s.contains("iifname \"kiln-h*\" oifname \"kiln-h*\" counter drop"));
         assert!(s.contains("iifname \"kiln-h*\" iifname vmap @slots"));
         assert!(s.starts_with("add table inet kiln\ndelete table inet kiln\n"));
