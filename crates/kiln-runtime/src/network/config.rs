@@ -132,17 +132,16 @@ impl Layout {
                 "nft table name {table:?} must be 1..=64 characters of [A-Za-z0-9_-]"
             )));
         }
-        if let Some(ifname) = &egress_interface {
-            if ifname.is_empty()
+        if let Some(ifname) = &egress_interface
+            && (ifname.is_empty()
                 || ifname.len() > 15
                 || !ifname
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
-            {
-                return Err(NetworkError::Config(format!(
-                    "bad egress interface name {ifname:?}"
-                )));
-            }
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            return Err(NetworkError::Config(format!(
+                "bad egress interface name {ifname:?}"
+            )));
         }
         if let Some(up) = dns_upstream
             && subnet.contains(&up)
