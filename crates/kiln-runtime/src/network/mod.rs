@@ -100,8 +100,6 @@ impl NetworkManager {
         let keep: HashSet<u32> = in_use.keys().copied().collect();
         mgr.sweep(&keep)?;
 
-        cmd::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-
         let mut adopted: Vec<(u32, &EgressPolicy)> = in_use.iter().map(|(i, p)| (*i, p)).collect();
         adopted.sort_by_key(|(i, _)| *i);
         for (index, _) in &adopted {
@@ -120,6 +118,8 @@ impl NetworkManager {
                 &format!("creating nft table inet {}", mgr.layout.table),
             )?;
         }
+        // Only now that the rules are in place may the host start forwarding.
+        cmd::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         tracing::info!(
             subnet = %mgr.layout.subnet,
             dns = %mgr.layout.dns_ip,
@@ -366,12 +366,17 @@ impl NetworkManager {
         if script.is_empty() {
             return Ok(());
         }
-        cmd::ip_batch(
+        let res = cmd::ip_batch(
             None,
             false,
             &script,
             &format!("deleting netns/veth of slot {index}"),
-        )
+        );
+        // A concurrent release of the same index may have won the race: gone is gone.
+        if res.is_err() && !self.links_exist_any(index) {
+            return Ok(());
+        }
+        res
     }
 
     /// Deletes every netns and host veth of this prefix whose index is not in `keep`.
