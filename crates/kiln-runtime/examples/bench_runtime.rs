@@ -63,8 +63,8 @@ fn main() {
     let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
     cfg.network = NetworkConfig {
         subnet: "10.215.0.0/16".parse().unwrap(),
-        table: "kiln_bench".into(),
-        prefix: "kbn".into(),
+        table_name: "kiln_bench".into(),
+        name_prefix: "kbn".into(),
         ..NetworkConfig::default()
     };
     let tokio = tokio::runtime::Runtime::new().unwrap();

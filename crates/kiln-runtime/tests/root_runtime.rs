@@ -52,8 +52,8 @@ static NODE: LazyLock<Node> = LazyLock::new(|| {
 fn test_network() -> NetworkConfig {
     NetworkConfig {
         subnet: "10.214.0.0/16".parse().unwrap(),
-        table: "kiln_rt_test".into(),
-        prefix: "krt".into(),
+        table_name: "kiln_rt_test".into(),
+        name_prefix: "krt".into(),
         ..NetworkConfig::default()
     }
 }
