@@ -107,8 +107,9 @@ impl ProcessService {
                 let _ = done.await;
             }
             tracing::debug!(pid = proc.pid, "process finished");
+            // Scheduled first: a stuck subscriber must not keep it around.
+            table.remove_later(Arc::clone(&proc), KEEP_ENDED);
             proc.finish(end).await;
-            table.remove_later(proc, KEEP_ENDED);
         });
         Ok((proc, subscription))
     }
