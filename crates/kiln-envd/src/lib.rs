@@ -30,7 +30,9 @@ pub const VERSION: &str = "0.6.4";
 pub fn app(state: EnvdState) -> axum::Router {
     let rpc = connectrpc::Router::new();
     // process.Process
-    // filesystem.Filesystem
+    let rpc = rpc.add_service(std::sync::Arc::new(filesystem::FilesystemService::new(
+        state.clone(),
+    )));
     let rpc = rpc
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(
