@@ -67,22 +67,26 @@ impl Names {
             metadata: read_metadata(real).into_iter().collect(),
             ..Default::default()
         };
-        let file_type = if meta.file_type().is_symlink() {
+        let is_dir = if meta.file_type().is_symlink() {
+            // A symlink reports its target's type and permission bits; a
+            // dangling one is a file with the link's own bits.
             info.is_symlink = true;
-            let (target, target_is_dir) = symlink_target(real);
+            let (target, target_meta) = symlink_target(real);
             info.symlink_target = Some(target.to_string_lossy().into_owned());
-            // A symlink reports its target's type; a dangling one is a file.
-            if target_is_dir {
-                FileType::FILE_TYPE_DIRECTORY
-            } else {
-                FileType::FILE_TYPE_FILE
+            if let Some(target_meta) = &target_meta {
+                info.mode = target_meta.mode() & 0o777;
             }
-        } else if meta.is_dir() {
+            target_meta.is_some_and(|m| m.is_dir())
+        } else {
+            meta.is_dir()
+        };
+        info.r#type = EnumValue::from(if is_dir {
+            // E2B reports directories with size 0 (the SDK tests assert it).
+            info.size = 0;
             FileType::FILE_TYPE_DIRECTORY
         } else {
             FileType::FILE_TYPE_FILE
-        };
-        info.r#type = EnumValue::from(file_type);
+        });
         Ok(info)
     }
 }
@@ -94,17 +98,17 @@ fn base_name(path: &Path) -> String {
         .unwrap_or_else(|| "/".to_string())
 }
 
-/// The absolute target of the symlink at `link` and whether it is a directory.
+/// The absolute target of the symlink at `link` and the target's metadata.
 /// A resolvable link gives its fully resolved target; a dangling one the
-/// lexically joined link text.
-fn symlink_target(link: &Path) -> (PathBuf, bool) {
+/// lexically joined link text and no metadata.
+fn symlink_target(link: &Path) -> (PathBuf, Option<Metadata>) {
     if let Ok(resolved) = std::fs::canonicalize(link) {
-        let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
-        return (resolved, is_dir);
+        let meta = std::fs::metadata(&resolved).ok();
+        return (resolved, meta);
     }
     let text = std::fs::read_link(link).unwrap_or_default();
     let parent = link.parent().unwrap_or(Path::new("/"));
-    (paths::clean(&parent.join(text)), false)
+    (paths::clean(&parent.join(text)), None)
 }
 
 /// Go's `fs.FileMode.String()` for what `os.Lstat` returns, e.g.
@@ -233,6 +237,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
         std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::set_permissions(root.join("d"), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("d", root.join("to-dir")).unwrap();
         std::os::unix::fs::symlink("missing", root.join("dangling")).unwrap();
 
@@ -243,7 +248,8 @@ mod tests {
             info.symlink_target.as_deref(),
             Some(root.join("d").to_str().unwrap())
         );
-        assert_eq!(info.mode, 0o777);
+        assert_eq!(info.mode, 0o755, "the target's permission bits");
+        assert_eq!(info.size, 0, "directories have size 0");
 
         let info = entry_info(&root.join("dangling")).unwrap();
         assert_eq!(info.r#type.as_known(), Some(FileType::FILE_TYPE_FILE));

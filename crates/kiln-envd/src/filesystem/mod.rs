@@ -101,7 +101,7 @@ fn check_watchable(root: &std::path::Path, allow_network_mounts: bool) -> Result
     if !allow_network_mounts {
         let real = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         if watch::is_network_mount(&real) {
-            return Err(ConnectError::failed_precondition(format!(
+            return Err(ConnectError::invalid_argument(format!(
                 "cannot watch '{}': it is on a network file system (set allow_network_mounts to watch it anyway)",
                 root.display()
             )));
@@ -279,7 +279,7 @@ fn watch_response(item: watch::StreamItem) -> WatchDirResponse {
     use kiln_proto::filesystem::__buffa::oneof::watch_dir_response::Event;
     let event = match item {
         watch::StreamItem::Start => Event::from(watch_dir_response::StartEvent::default()),
-        watch::StreamItem::Event(ev) => Event::from(ev),
+        watch::StreamItem::Event(ev) => Event::Filesystem(ev),
         watch::StreamItem::Keepalive => Event::from(watch_dir_response::KeepAlive::default()),
     };
     WatchDirResponse {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use connectrpc::ConnectError;
 use kiln_proto::filesystem::EntryInfo;
 
-use super::entry::Names;
+use super::entry::{Names, is_upload_temp};
 
 /// Maps an I/O error about `path` to the Connect error the SDKs expect.
 pub(crate) fn io_error(err: io::Error, path: &Path) -> ConnectError {
@@ -139,8 +139,10 @@ pub(crate) fn list_dir(path: &Path, depth: u32) -> Result<Vec<EntryInfo>, Connec
 }
 
 fn sorted_children(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+    // Upload temp files are not part of the directory yet.
     let mut names: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .filter(|n| !is_upload_temp(n))
         .collect();
     names.sort();
     Ok(names)
@@ -166,10 +168,8 @@ fn walk(
             && !info.is_symlink
             && std::fs::symlink_metadata(&real).is_ok_and(|m| m.is_dir());
         out.push(info);
-        if descend {
-            if let Ok(grandchildren) = sorted_children(&real) {
-                walk(names, &real, &shown, grandchildren, level + 1, depth, out);
-            }
+        if descend && let Ok(grandchildren) = sorted_children(&real) {
+            walk(names, &real, &shown, grandchildren, level + 1, depth, out);
         }
     }
 }

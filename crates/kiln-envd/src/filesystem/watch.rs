@@ -166,13 +166,15 @@ impl Mapper {
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) => EventType::EVENT_TYPE_RENAME,
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => EventType::EVENT_TYPE_CREATE,
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                // An upload's temp file renamed into place: the CREATE came
-                // with the `To` half; report the content as written too.
+                // An upload's temp file renamed into place. The CREATE came
+                // with the `To` half; like E2B's upload (create, chown,
+                // write) it continues with CHMOD and WRITE.
                 let to = event.paths.get(1);
                 return match to {
                     Some(to) if is_hidden(path) && !is_hidden(to) => (
-                        self.event(to, EventType::EVENT_TYPE_WRITE)
+                        [EventType::EVENT_TYPE_CHMOD, EventType::EVENT_TYPE_WRITE]
                             .into_iter()
+                            .filter_map(|kind| self.event(to, kind))
                             .collect(),
                         false,
                     ),
@@ -202,10 +204,11 @@ impl Mapper {
             r#type: EnumValue::from(kind),
             ..Default::default()
         };
-        if self.spec.include_entry && kind != EventType::EVENT_TYPE_REMOVE {
-            if let Ok(info) = entry_info(path) {
-                ev.entry = MessageField::some(info);
-            }
+        if self.spec.include_entry
+            && kind != EventType::EVENT_TYPE_REMOVE
+            && let Ok(info) = entry_info(path)
+        {
+            ev.entry = MessageField::some(info);
         }
         Some(ev)
     }
@@ -248,7 +251,7 @@ pub(crate) struct WatchStream {
 /// One item of the `WatchDir` stream.
 pub(crate) enum StreamItem {
     Start,
-    Event(FilesystemEvent),
+    Event(Box<FilesystemEvent>),
     Keepalive,
 }
 
@@ -281,7 +284,7 @@ impl WatchStream {
         }
         loop {
             if let Some(ev) = self.pending.pop_front() {
-                return Some(Ok(StreamItem::Event(ev)));
+                return Some(Ok(StreamItem::Event(Box::new(ev))));
             }
             // Mark the current state seen before draining so nothing queued
             // after the drain is missed.
@@ -519,16 +522,18 @@ fn is_network_fs_type(fs_type: &str) -> bool {
 }
 
 fn statfs_is_network(path: &Path) -> bool {
-    const NFS: i64 = 0x6969;
-    const SMB: i64 = 0x517B;
-    const CIFS: i64 = 0xFF53_4D42;
-    const SMB2: i64 = 0xFE53_4D42;
-    const AFS: i64 = 0x5346_414F;
-    const CODA: i64 = 0x7375_7245;
-    const NCP: i64 = 0x564C;
-    const CEPH: i64 = 0x00C3_6400;
+    // Magic numbers from linux/magic.h; all fit in 32 bits while the width
+    // of `f_type` differs between architectures.
+    const NFS: u32 = 0x6969;
+    const SMB: u32 = 0x517B;
+    const CIFS: u32 = 0xFF53_4D42;
+    const SMB2: u32 = 0xFE53_4D42;
+    const AFS: u32 = 0x5346_414F;
+    const CODA: u32 = 0x7375_7245;
+    const NCP: u32 = 0x564C;
+    const CEPH: u32 = 0x00C3_6400;
     nix::sys::statfs::statfs(path).is_ok_and(|s| {
-        let magic = s.filesystem_type().0 as i64;
+        let magic = s.filesystem_type().0 as u32;
         [NFS, SMB, CIFS, SMB2, AFS, CODA, NCP, CEPH].contains(&magic)
     })
 }
