@@ -512,6 +512,13 @@ async fn watch_dir_streams_events() {
     std::fs::write(dir.join("sub/g.txt"), "x").unwrap();
     frames_until(&mut frames, is_event("EVENT_TYPE_WRITE", "sub/g.txt")).await;
 
+    // `mkdir -p`: the inner directory usually exists before the outer one is
+    // watched; it is still reported, and watched.
+    std::fs::create_dir_all(dir.join("p/q")).unwrap();
+    frames_until(&mut frames, is_event("EVENT_TYPE_CREATE", "p/q")).await;
+    std::fs::write(dir.join("p/q/deep.txt"), "x").unwrap();
+    frames_until(&mut frames, is_event("EVENT_TYPE_WRITE", "p/q/deep.txt")).await;
+
     // Rename: the old name as RENAME, the new one as CREATE.
     std::fs::rename(dir.join("f.txt"), dir.join("h.txt")).unwrap();
     let seen = frames_until(&mut frames, is_event("EVENT_TYPE_CREATE", "h.txt")).await;
@@ -782,4 +789,55 @@ async fn stat_over_binary_protobuf() {
     assert_eq!(entry.size, 3);
     assert_eq!(entry.mode, 0o644);
     assert_eq!(entry.r#type.as_known(), Some(FileType::FILE_TYPE_FILE));
+}
+
+#[tokio::test]
+async fn polling_watcher_sees_writes_in_a_just_created_subdirectory() {
+    let envd = Envd::start().await;
+    let (_tmp, dir) = user_dir();
+    let (status, body) = call(
+        &envd,
+        "CreateWatcher",
+        json!({ "path": s(&dir), "recursive": true }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["watcherId"].as_str().unwrap().to_string();
+
+    // As the SDK test does: MakeDir, then at once an upload into it.
+    let (status, _) = call(&envd, "MakeDir", json!({ "path": s(&dir.join("nested")) })).await;
+    assert_eq!(status, 200);
+    let temp = dir.join("nested/.kiln-upload-9");
+    std::fs::write(&temp, "content").unwrap();
+    std::fs::rename(&temp, dir.join("nested/file.txt")).unwrap();
+
+    let mut evs = Vec::new();
+    // Events may take a moment to arrive; poll until the WRITE shows up.
+    for _ in 0..50 {
+        let (status, body) = call(&envd, "GetWatcherEvents", json!({ "watcherId": id })).await;
+        assert_eq!(status, 200, "{body}");
+        for e in body["events"].as_array().cloned().unwrap_or_default() {
+            evs.push((
+                e["type"].as_str().unwrap().to_string(),
+                e["name"].as_str().unwrap().to_string(),
+            ));
+        }
+        if pos(&evs, "EVENT_TYPE_WRITE", "nested/file.txt").is_some() {
+            break;
+        }
+    }
+    assert_eq!(pos(&evs, "EVENT_TYPE_CREATE", "nested"), Some(0), "{evs:?}");
+    assert!(
+        pos(&evs, "EVENT_TYPE_WRITE", "nested/file.txt").is_some(),
+        "{evs:?}"
+    );
+    let creates = evs
+        .iter()
+        .filter(|(t, n)| t == "EVENT_TYPE_CREATE" && n == "nested/file.txt")
+        .count();
+    assert_eq!(creates, 1, "reported once: {evs:?}");
+    assert!(
+        evs.iter().all(|(_, n)| !n.contains(".kiln-upload")),
+        "{evs:?}"
+    );
 }

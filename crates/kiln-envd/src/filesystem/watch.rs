@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use buffa::{EnumValue, MessageField};
 use connectrpc::ConnectError;
 use kiln_proto::filesystem::{EventType, FilesystemEvent};
-use notify::event::{EventKind, ModifyKind, RenameMode};
+use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
 
@@ -18,6 +18,11 @@ use super::entry::{entry_info, is_upload_temp};
 
 /// Events kept for a watcher nobody drains; beyond this new ones are dropped.
 const MAX_QUEUED: usize = 16 * 1024;
+/// At most this many entries of a new subdirectory found already populated
+/// are reported.
+const MAX_SCANNED: usize = 1024;
+/// A CREATE seen from both inotify and a scan within this window is one.
+const DEDUP_WINDOW: Duration = Duration::from_secs(2);
 /// `GetWatcherEvents` waits until no new event arrived for this long...
 const SETTLE_QUIET: Duration = Duration::from_millis(20);
 /// ...but never longer than this in total.
@@ -33,12 +38,64 @@ pub(crate) struct WatchSpec {
     pub include_entry: bool,
 }
 
+/// Where a recently reported CREATE came from (see `Shared::push`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Inotify,
+    Scan,
+}
+
 #[derive(Default)]
 struct Queue {
     events: VecDeque<FilesystemEvent>,
     /// The watched directory itself was removed or moved away.
     closed: bool,
     overflowed: bool,
+    /// Recent CREATEs by name, so the scan of a new subdirectory and inotify
+    /// do not both report the same entry (recursive watches only).
+    recent: HashMap<String, (Instant, Origin)>,
+}
+
+impl Queue {
+    /// Whether `ev` duplicates a CREATE just reported from the other origin;
+    /// records it otherwise.
+    fn is_duplicate(&mut self, ev: &FilesystemEvent, origin: Origin) -> bool {
+        match ev.r#type.as_known() {
+            Some(EventType::EVENT_TYPE_CREATE) => {
+                let now = Instant::now();
+                if self.recent.len() > 4096 {
+                    self.recent
+                        .retain(|_, (t, _)| now.duration_since(*t) < DEDUP_WINDOW);
+                }
+                match self.recent.get(&ev.name) {
+                    Some((t, o)) if *o != origin && now.duration_since(*t) < DEDUP_WINDOW => {
+                        self.recent.remove(&ev.name);
+                        true
+                    }
+                    _ => {
+                        self.recent.insert(ev.name.clone(), (now, origin));
+                        false
+                    }
+                }
+            }
+            Some(EventType::EVENT_TYPE_REMOVE) | Some(EventType::EVENT_TYPE_RENAME) => {
+                self.recent.remove(&ev.name);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn push(&mut self, ev: FilesystemEvent) {
+        if self.events.len() >= MAX_QUEUED {
+            if !self.overflowed {
+                tracing::warn!("watcher queue full; dropping filesystem events");
+                self.overflowed = true;
+            }
+            return;
+        }
+        self.events.push_back(ev);
+    }
 }
 
 /// State shared between the inotify thread and the consumers.
@@ -46,6 +103,8 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Bumped whenever the queue changes, so consumers can wait for it.
     changed: watch::Sender<u64>,
+    /// Whether CREATEs are tracked to drop duplicates (recursive watches).
+    dedup: bool,
 }
 
 impl Shared {
@@ -53,6 +112,7 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues the events inotify reported.
     fn push(&self, events: Vec<FilesystemEvent>, close: bool) {
         if events.is_empty() && !close {
             return;
@@ -60,24 +120,44 @@ impl Shared {
         {
             let mut q = self.lock();
             for ev in events {
-                if q.events.len() >= MAX_QUEUED {
-                    if !q.overflowed {
-                        tracing::warn!("watcher queue full; dropping filesystem events");
-                        q.overflowed = true;
-                    }
-                    break;
+                if !(self.dedup && q.is_duplicate(&ev, Origin::Inotify)) {
+                    q.push(ev);
                 }
-                q.events.push_back(ev);
             }
             q.closed |= close;
         }
+        self.notify();
+    }
+
+    /// Queues what a scan found: a CREATE (and a WRITE for non-empty files)
+    /// for each entry inotify has not just reported.
+    fn push_scanned(&self, found: Vec<(FilesystemEvent, Option<FilesystemEvent>)>) {
+        if found.is_empty() {
+            return;
+        }
+        {
+            let mut q = self.lock();
+            for (create, write) in found {
+                if q.is_duplicate(&create, Origin::Scan) {
+                    continue;
+                }
+                q.push(create);
+                if let Some(write) = write {
+                    q.push(write);
+                }
+            }
+        }
+        self.notify();
+    }
+
+    fn notify(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
 /// A live inotify watch. Dropping it stops watching.
 pub(crate) struct DirWatcher {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
     shared: Arc<Shared>,
 }
 
@@ -90,8 +170,13 @@ impl DirWatcher {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             changed,
+            dedup: spec.recursive,
         });
-        let mut mapper = Mapper { spec: spec.clone() };
+        let (scan_tx, scan_rx) = std::sync::mpsc::channel::<PathBuf>();
+        let mut mapper = Mapper {
+            spec: spec.clone(),
+            new_dirs: spec.recursive.then_some(scan_tx),
+        };
         let sink = Arc::clone(&shared);
         let handler = move |res: notify::Result<notify::Event>| match res {
             Ok(event) => {
@@ -119,6 +204,15 @@ impl DirWatcher {
             )),
             _ => ConnectError::internal(format!("cannot watch '{}': {e}", spec.root.display())),
         })?;
+        let watcher = Arc::new(Mutex::new(watcher));
+        if spec.recursive {
+            let weak = Arc::downgrade(&watcher);
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("kiln-watch-scan".into())
+                .spawn(move || scan_new_dirs(&spec, &weak, &shared, &scan_rx))
+                .map_err(|e| ConnectError::internal(format!("cannot start watcher thread: {e}")))?;
+        }
         Ok(DirWatcher {
             _watcher: watcher,
             shared,
@@ -141,6 +235,8 @@ impl DirWatcher {
 /// Turns `notify` events into E2B's filesystem events.
 struct Mapper {
     spec: WatchSpec,
+    /// New subdirectories go here to be scanned once they are watched.
+    new_dirs: Option<std::sync::mpsc::Sender<PathBuf>>,
 }
 
 impl Mapper {
@@ -191,31 +287,112 @@ impl Mapper {
         if is_hidden(path) {
             return (Vec::new(), false);
         }
+        if let Some(new_dirs) = &self.new_dirs
+            && matches!(event.kind, EventKind::Create(CreateKind::Folder))
+        {
+            let _ = new_dirs.send(path.clone());
+        }
         (self.event(path, kind).into_iter().collect(), false)
     }
 
     fn event(&self, path: &Path, kind: EventType) -> Option<FilesystemEvent> {
-        let rel = path.strip_prefix(&self.spec.root).ok()?;
-        if rel.as_os_str().is_empty() {
-            return None;
-        }
-        let mut ev = FilesystemEvent {
-            name: rel.to_string_lossy().into_owned(),
-            r#type: EnumValue::from(kind),
-            ..Default::default()
-        };
-        if self.spec.include_entry
-            && kind != EventType::EVENT_TYPE_REMOVE
-            && let Ok(info) = entry_info(path)
-        {
-            ev.entry = MessageField::some(info);
-        }
-        Some(ev)
+        fs_event(&self.spec, path, kind)
     }
+}
+
+/// The event of `kind` for `path` under the watched root.
+fn fs_event(spec: &WatchSpec, path: &Path, kind: EventType) -> Option<FilesystemEvent> {
+    let rel = path.strip_prefix(&spec.root).ok()?;
+    if rel.as_os_str().is_empty() {
+        return None;
+    }
+    let mut ev = FilesystemEvent {
+        name: rel.to_string_lossy().into_owned(),
+        r#type: EnumValue::from(kind),
+        ..Default::default()
+    };
+    if spec.include_entry
+        && kind != EventType::EVENT_TYPE_REMOVE
+        && let Ok(info) = entry_info(path)
+    {
+        ev.entry = MessageField::some(info);
+    }
+    Some(ev)
 }
 
 fn is_hidden(path: &Path) -> bool {
     path.file_name().is_some_and(is_upload_temp)
+}
+
+/// A path that is never watched: unwatching it is a no-op round trip
+/// through the inotify thread.
+const SYNC_PATH: &str = "/proc/kiln-envd-watch-sync";
+
+/// Reports what new subdirectories of a recursive watch already contain.
+///
+/// `notify` watches a new subdirectory only after handling the event that
+/// announced it, so whatever was created in it before then (`mkdir -p a/b`,
+/// a file written right after `MakeDir`) would be lost. Once a round trip
+/// through the inotify thread shows the watch is in place, the directory is
+/// scanned; entries created since are reported by inotify too, which
+/// `Queue::is_duplicate` sorts out.
+fn scan_new_dirs(
+    spec: &WatchSpec,
+    watcher: &Weak<Mutex<notify::RecommendedWatcher>>,
+    shared: &Shared,
+    new_dirs: &std::sync::mpsc::Receiver<PathBuf>,
+) {
+    while let Ok(dir) = new_dirs.recv() {
+        let Some(watcher) = watcher.upgrade() else {
+            return;
+        };
+        {
+            let mut w = watcher.lock().unwrap_or_else(|e| e.into_inner());
+            // Fails with "not watched", after the inotify thread finished
+            // the batch that added the new directory's watch.
+            let _ = w.unwatch(Path::new(SYNC_PATH));
+        }
+        drop(watcher);
+        let mut found = Vec::new();
+        scan_dir(spec, &dir, &mut found);
+        shared.push_scanned(found);
+    }
+}
+
+/// Lexical pre-order walk of `dir` (symlinks not followed): a CREATE for
+/// each entry plus a WRITE for non-empty files.
+fn scan_dir(
+    spec: &WatchSpec,
+    dir: &Path,
+    found: &mut Vec<(FilesystemEvent, Option<FilesystemEvent>)>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut children: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| !is_upload_temp(&e.file_name()))
+        .collect();
+    children.sort_by_key(|e| e.file_name());
+    for child in children {
+        if found.len() >= MAX_SCANNED {
+            return;
+        }
+        let path = child.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let Some(create) = fs_event(spec, &path, EventType::EVENT_TYPE_CREATE) else {
+            continue;
+        };
+        let write = (meta.is_file() && meta.len() > 0)
+            .then(|| fs_event(spec, &path, EventType::EVENT_TYPE_WRITE))
+            .flatten();
+        found.push((create, write));
+        if meta.is_dir() {
+            scan_dir(spec, &path, found);
+        }
+    }
 }
 
 /// Waits until the watcher has been quiet briefly, so events of changes made
@@ -574,6 +751,21 @@ mod tests {
     #[test]
     fn local_tmp_is_not_network() {
         assert!(!is_network_mount(&std::env::temp_dir()));
+    }
+
+    #[test]
+    fn idle_polling_watchers_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::default());
+        let spec = WatchSpec {
+            root: dir.path().to_path_buf(),
+            recursive: false,
+            include_entry: false,
+        };
+        let id = registry.insert(DirWatcher::start(spec).unwrap());
+        assert_eq!(registry.drop_idle(POLL_IDLE_LIMIT), 0);
+        assert_eq!(registry.drop_idle(Duration::ZERO), 1);
+        assert!(registry.remove(&id).is_err());
     }
 
     #[test]
