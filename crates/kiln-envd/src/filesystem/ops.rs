@@ -24,8 +24,11 @@ pub(crate) fn io_error(err: io::Error, path: &Path) -> ConnectError {
         io::ErrorKind::NotADirectory => {
             ConnectError::invalid_argument(format!("a parent of '{shown}' is not a directory"))
         }
-        io::ErrorKind::AlreadyExists => {
-            ConnectError::already_exists(format!("'{shown}' already exists"))
+        io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
+            ConnectError::already_exists(format!("'{shown}' already exists: {err}"))
+        }
+        io::ErrorKind::IsADirectory => {
+            ConnectError::invalid_argument(format!("'{shown}' is a directory"))
         }
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidFilename => {
             ConnectError::invalid_argument(format!("invalid path '{shown}': {err}"))
