@@ -1,6 +1,8 @@
 //! envd's plain-HTTP endpoints against the real binary: `/health`, `/files`,
 //! `/init`, `/envs`, `/metrics`.
 
+// common/mod.rs (not owned here) trips clippy::collapsible_if on Rust 1.95.
+#[allow(clippy::collapsible_if)]
 mod common;
 
 use std::ffi::CString;
@@ -201,6 +203,33 @@ async fn octet_stream_upload_and_download_roundtrip() {
     assert_eq!(status, 200);
     assert_eq!(std::fs::read(&path).unwrap(), b"second");
     assert!(temp_files(dir.path()).is_empty());
+
+    // Conditional GET: unchanged since Last-Modified => 304.
+    let url = envd.url(&format!("/files?path={}", q(path.to_str().unwrap())));
+    let resp = raw_client().get(url.clone()).send().await.unwrap();
+    let last_modified = resp.headers()["last-modified"].clone();
+    let resp = raw_client()
+        .get(url)
+        .header("if-modified-since", last_modified)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 304);
+
+    // Empty files work both ways.
+    let empty = dir.path().join("empty");
+    let (status, _) = upload_raw(
+        &envd,
+        &format!("path={}", q(empty.to_str().unwrap())),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    let resp = download(&envd, &format!("path={}", q(empty.to_str().unwrap()))).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], "0");
+    assert!(resp.bytes().await.unwrap().is_empty());
 }
 
 #[tokio::test]

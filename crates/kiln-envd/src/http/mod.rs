@@ -19,7 +19,10 @@ use crate::state::EnvdState;
 
 pub use access::{signature, verify_files_access};
 
-/// File uploads and downloads are streamed, so no body limit applies.
+/// `/init` bodies are small JSON (a CA bundle at most).
+const INIT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The plain-HTTP routes. `/files` streams bodies, so no body limit applies.
 pub fn routes(state: EnvdState) -> Router {
     let guarded = Router::new()
         .route("/envs", get(init::envs))
@@ -30,10 +33,17 @@ pub fn routes(state: EnvdState) -> Router {
         ));
     Router::new()
         .route("/health", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/init", post(init::init))
-        .route("/files", get(files::download).post(upload::upload))
+        .route(
+            "/init",
+            post(init::init).layer(DefaultBodyLimit::max(INIT_BODY_LIMIT)),
+        )
+        .route(
+            "/files",
+            get(files::download)
+                .post(upload::upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .merge(guarded)
-        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 

@@ -109,10 +109,15 @@ async fn handle(
             let dest = paths::resolve(path, &user, None);
             let mut writer = FileWriter::start(user, dest, metadata, gzip);
             while let Some(chunk) = data.next().await {
-                let chunk = chunk.map_err(|e| {
-                    HttpError::bad_request(format!("error reading request body: {e}"))
-                })?;
-                writer.write(chunk).await?;
+                match chunk {
+                    Ok(chunk) => writer.write(chunk).await?,
+                    Err(e) => {
+                        writer.abort().await;
+                        return Err(HttpError::bad_request(format!(
+                            "error reading request body: {e}"
+                        )));
+                    }
+                }
             }
             Ok(vec![writer.finish().await?])
         }
@@ -163,8 +168,15 @@ async fn multipart(
             )));
         }
         let mut writer = FileWriter::start(user.clone(), dest, metadata.clone(), false);
-        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-            writer.write(chunk).await?;
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => writer.write(chunk).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(multipart_error(e));
+                }
+            }
         }
         entries.push(writer.finish().await?);
     }
@@ -260,6 +272,14 @@ impl FileWriter {
     async fn finish(mut self) -> Result<WrittenEntry, HttpError> {
         let _ = self.tx.send(Msg::Done).await;
         self.result().await
+    }
+
+    /// Cancels the upload and waits until its temp file is removed.
+    async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            drop(self);
+            let _ = task.await;
+        }
     }
 
     async fn result(&mut self) -> Result<WrittenEntry, HttpError> {
