@@ -137,6 +137,15 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Waits (up to 10 s) for a condition envd brings about asynchronously.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let cpath = CString::new(path.as_os_str().as_bytes()).unwrap();
     let cname = CString::new(name).unwrap();
@@ -980,28 +989,31 @@ async fn failed_uploads_leave_no_files_behind() {
     assert_eq!(status, 400);
     assert!(!path.exists());
 
-    // The client dies mid-upload: an existing file keeps its old content and
-    // no temp file remains.
+    // The client dies mid-upload (once envd has started writing): an existing
+    // file keeps its old content and the temp file is removed.
     let existing = dir.path().join("keep.txt");
     std::fs::write(&existing, b"old").unwrap();
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
-        Ok(vec![1u8; 1 << 20]),
-        Ok(vec![2u8; 1 << 20]),
-        Err(std::io::Error::other("client gave up")),
-    ];
-    let result = envd
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let request = envd
         .client
         .post(envd.url(&format!("/files?path={}", q(existing.to_str().unwrap()))))
         .header("content-type", "application/octet-stream")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await;
+        .body(reqwest::Body::wrap_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .send();
+    let request = tokio::spawn(request);
+    tx.send(Ok(vec![1u8; 1 << 20])).await.unwrap();
+    wait_until("a temp file appears", || !temp_files(dir.path()).is_empty()).await;
+    tx.send(Err(std::io::Error::other("client gave up")))
+        .await
+        .unwrap();
+    let result = request.await.unwrap();
     assert!(result.is_err() || !result.unwrap().status().is_success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !temp_files(dir.path()).is_empty() {
-        assert!(Instant::now() < deadline, "temp file was not removed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the temp file is removed", || {
+        temp_files(dir.path()).is_empty()
+    })
+    .await;
     assert_eq!(std::fs::read(&existing).unwrap(), b"old");
 
     // A multipart body cut short.

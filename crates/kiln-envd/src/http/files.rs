@@ -64,6 +64,12 @@ async fn serve(
             "path '{shown}' is a directory"
         )));
     }
+    if !meta.is_file() {
+        // FIFOs and devices could block the opener or never end.
+        return Err(HttpError::bad_request(format!(
+            "path '{shown}' is not a regular file"
+        )));
+    }
     let parent = path.parent().unwrap_or(std::path::Path::new("/"));
     if !access::reachable(&user, parent) || !access::allowed(&user, &meta, READ) {
         return Err(HttpError::forbidden(format!(
