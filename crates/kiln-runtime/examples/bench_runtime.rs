@@ -28,7 +28,10 @@ fn summary(name: &str, mut v: Vec<Duration>) {
 async fn create_and_first_command(rt: &Arc<Runtime>) -> (String, Duration) {
     let t = Instant::now();
     let info = rt
-        .create(CreateRequest { template_id: "bench".into(), ..Default::default() })
+        .create(CreateRequest {
+            template_id: "bench".into(),
+            ..Default::default()
+        })
         .await
         .expect("create");
     let out = rt
@@ -55,10 +58,17 @@ fn cgroup_memory(id: &str) -> Option<u64> {
 }
 
 fn main() {
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS").unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
     let envd = std::env::var("KILN_TEST_ENVD").expect("KILN_TEST_ENVD");
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let conc: usize = std::env::var("BENCH_CONCURRENCY").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let conc: usize = std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let dir = PathBuf::from(format!("/var/tmp/kiln-bench-{}", std::process::id()));
     let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
     cfg.network = NetworkConfig {
@@ -69,7 +79,8 @@ fn main() {
     };
     let tokio = tokio::runtime::Runtime::new().unwrap();
     let rt = Runtime::start(cfg).expect("runtime");
-    rt.create_template(&TemplateMeta::new("bench"), base.as_ref(), envd.as_ref()).expect("template");
+    rt.create_template(&TemplateMeta::new("bench"), base.as_ref(), envd.as_ref())
+        .expect("template");
     tokio.block_on(async {
         let mut snaps = Vec::new();
         for _ in 0..3 {

@@ -125,7 +125,13 @@ impl EnvdClient {
         Ok(())
     }
 
-    fn start_request(&self, cmd: &str, user: &str, tag: Option<&str>, timeout: Option<Duration>) -> reqwest::RequestBuilder {
+    fn start_request(
+        &self,
+        cmd: &str,
+        user: &str,
+        tag: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> reqwest::RequestBuilder {
         let mut body = serde_json::json!({
             "process": { "cmd": "/bin/bash", "args": ["-c", cmd] },
             "stdin": false,
@@ -142,7 +148,10 @@ impl EnvdClient {
             .post("/process.Process/Start")
             .header("Content-Type", "application/connect+json")
             .header("Connect-Protocol-Version", "1")
-            .header("Authorization", format!("Basic {}", B64.encode(format!("{user}:"))))
+            .header(
+                "Authorization",
+                format!("Basic {}", B64.encode(format!("{user}:"))),
+            )
             .body(frame);
         if let Some(t) = timeout {
             req = req.header("Connect-Timeout-Ms", t.as_millis().to_string());
@@ -151,7 +160,12 @@ impl EnvdClient {
     }
 
     /// Runs `cmd` with `bash -c` as `user` and waits for it.
-    pub async fn run(&self, cmd: &str, user: &str, timeout: Duration) -> Result<CommandOutput, Error> {
+    pub async fn run(
+        &self,
+        cmd: &str,
+        user: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutput, Error> {
         let resp = self
             .start_request(cmd, user, None, Some(timeout))
             .timeout(timeout + Duration::from_secs(5))
@@ -179,12 +193,18 @@ impl EnvdClient {
                 }
             } else if let Some(end) = event.get("end") {
                 out.exit_code = end.get("exitCode").and_then(|v| v.as_i64()).unwrap_or(0) as i32;
-                out.status = end.get("status").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+                out.status = end
+                    .get("status")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string();
                 ended = true;
             }
         }
         if !ended {
-            return Err(Error::Envd("Start: stream ended without an end event".into()));
+            return Err(Error::Envd(
+                "Start: stream ended without an end event".into(),
+            ));
         }
         out.stdout = String::from_utf8_lossy(&stdout).into_owned();
         out.stderr = String::from_utf8_lossy(&stderr).into_owned();
@@ -218,13 +238,17 @@ struct FrameReader {
 
 impl FrameReader {
     fn new(resp: reqwest::Response) -> Self {
-        Self { resp, buf: Vec::new() }
+        Self {
+            resp,
+            buf: Vec::new(),
+        }
     }
 
     async fn next(&mut self) -> Result<Option<(u8, serde_json::Value)>, Error> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() >= 5 + len {
                     let flags = self.buf[0];
                     let json = serde_json::from_slice(&self.buf[5..5 + len])

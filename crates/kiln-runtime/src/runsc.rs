@@ -198,7 +198,12 @@ impl Runsc {
 
     /// IDs of every container runsc knows in this root.
     pub fn list(&self) -> Vec<String> {
-        let Ok(output) = self.command().args(["list", "-q"]).stderr(Stdio::null()).output() else {
+        let Ok(output) = self
+            .command()
+            .args(["list", "-q"])
+            .stderr(Stdio::null())
+            .output()
+        else {
             return Vec::new();
         };
         String::from_utf8_lossy(&output.stdout)

@@ -172,7 +172,10 @@ impl Runtime {
             .values()
             .cloned()
             .collect();
-        entries.iter().map(|e| info_of(&e.record.lock().unwrap_or_else(|e| e.into_inner()))).collect()
+        entries
+            .iter()
+            .map(|e| info_of(&e.record.lock().unwrap_or_else(|e| e.into_inner())))
+            .collect()
     }
 
     pub fn info(&self, id: &str) -> Result<SandboxInfo, Error> {
@@ -203,9 +206,11 @@ pub(crate) fn info_of(r: &SandboxRecord) -> SandboxInfo {
 
 /// Writes a record atomically (temp file + rename).
 pub(crate) fn save_record(dir: &Path, record: &SandboxRecord) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let tmp = dir.join("record.json.tmp");
-    let text = serde_json::to_vec_pretty(record).map_err(|e| Error::io("encoding record", std::io::Error::other(e)))?;
+    let text = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::io("encoding record", std::io::Error::other(e)))?;
     std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, dir.join("record.json"))
         .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))
@@ -228,5 +233,7 @@ pub fn new_sandbox_id() -> String {
 /// Whether `id` is an acceptable sandbox id.
 pub fn valid_sandbox_id(id: &str) -> bool {
     id.len() == 20
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }

@@ -2,8 +2,9 @@
 //!
 //! envd is the sandbox's init (PID 1): processes started by `runsc exec` that
 //! are alive at checkpoint time break restore, so envd starts and owns every
-//! process. The template's root filesystem is shared read-only by all of its
-//! sandboxes; each sandbox's writes live in its in-memory overlay.
+//! process. The template's root filesystem is shared by all of its sandboxes
+//! and never written: gVisor's `--overlay2=root:memory` keeps each sandbox's
+//! writes in its own memory (a read-only root would disable that overlay).
 
 use std::path::Path;
 
@@ -72,7 +73,7 @@ pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources
             "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64 }],
             "noNewPrivileges": false
         },
-        "root": { "path": rootfs, "readonly": true },
+        "root": { "path": rootfs, "readonly": false },
         "hostname": "kiln",
         "mounts": [
             { "destination": "/proc", "type": "proc", "source": "proc" },

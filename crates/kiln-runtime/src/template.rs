@@ -104,7 +104,12 @@ impl Runtime {
     /// Creates template `meta.id` from a root filesystem directory, with `envd`
     /// as its init. The rootfs is hard-linked, not copied (sandboxes never
     /// write to it: their writes live in their overlay).
-    pub fn create_template(&self, meta: &TemplateMeta, base_rootfs: &Path, envd: &Path) -> Result<(), Error> {
+    pub fn create_template(
+        &self,
+        meta: &TemplateMeta,
+        base_rootfs: &Path,
+        envd: &Path,
+    ) -> Result<(), Error> {
         if !valid_template_id(&meta.id) {
             return Err(Error::TemplateInvalid {
                 id: meta.id.clone(),
@@ -114,13 +119,17 @@ impl Runtime {
         if !base_rootfs.join("bin").exists() && !base_rootfs.join("usr/bin").exists() {
             return Err(Error::TemplateInvalid {
                 id: meta.id.clone(),
-                reason: format!("{} does not look like a root filesystem", base_rootfs.display()),
+                reason: format!(
+                    "{} does not look like a root filesystem",
+                    base_rootfs.display()
+                ),
             });
         }
         let dir = self.template_dir(&meta.id);
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         let status = Command::new("cp")
             .arg("-al")
             .arg(base_rootfs)
@@ -129,18 +138,26 @@ impl Runtime {
             .map_err(|e| Error::io("running cp", e))?;
         if !status.success() {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(Error::io("hard-linking the rootfs", std::io::Error::other(status.to_string())));
+            return Err(Error::io(
+                "hard-linking the rootfs",
+                std::io::Error::other(status.to_string()),
+            ));
         }
         // Replace (never write through) the hard link, so the base stays intact.
         let target = tmp.join("rootfs/usr/bin/envd");
         let _ = std::fs::remove_file(&target);
-        std::fs::copy(envd, &target).map_err(|e| Error::io(format!("copying {}", envd.display()), e))?;
-        let text = serde_json::to_vec_pretty(meta).map_err(|e| Error::io("encoding template", std::io::Error::other(e)))?;
-        std::fs::write(tmp.join("template.json"), text).map_err(|e| Error::io("writing template.json", e))?;
+        std::fs::copy(envd, &target)
+            .map_err(|e| Error::io(format!("copying {}", envd.display()), e))?;
+        let text = serde_json::to_vec_pretty(meta)
+            .map_err(|e| Error::io("encoding template", std::io::Error::other(e)))?;
+        std::fs::write(tmp.join("template.json"), text)
+            .map_err(|e| Error::io("writing template.json", e))?;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &dir)
+            .map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
         tracing::info!(template = %meta.id, "template created");
         Ok(())
     }
@@ -154,7 +171,15 @@ impl Runtime {
         let span = tracing::info_span!("snapshot_template", template = %id, container = %cid);
         let _enter = span.enter();
         let rootfs = self.template_rootfs(id);
-        let booted = crate::sandbox::create::boot(self, &cid, &meta, &rootfs, None, &EgressPolicy::default()).await?;
+        let booted = crate::sandbox::create::boot(
+            self,
+            &cid,
+            &meta,
+            &rootfs,
+            None,
+            &EgressPolicy::default(),
+        )
+        .await?;
         let result = async {
             let mut client = booted.client.clone();
             client
@@ -196,7 +221,8 @@ impl Runtime {
             tokio::task::spawn_blocking(move || rt.runsc.checkpoint(&cid2, &tmp2, &log))
                 .await
                 .map_err(|e| Error::io("checkpoint task", std::io::Error::other(e)))??;
-            std::fs::write(tmp.join("complete"), b"").map_err(|e| Error::io("marking snapshot", e))?;
+            std::fs::write(tmp.join("complete"), b"")
+                .map_err(|e| Error::io("marking snapshot", e))?;
             let _ = std::fs::remove_dir_all(&snapshot);
             std::fs::rename(&tmp, &snapshot).map_err(|e| Error::io("renaming snapshot", e))?;
             Ok(())
@@ -218,6 +244,7 @@ impl Runtime {
         if !dir.exists() {
             return Err(Error::TemplateNotFound(id.to_string()));
         }
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| Error::io(format!("removing {}", dir.display()), e))
     }
 }

@@ -83,7 +83,10 @@ async fn run(rt: &Arc<Runtime>, id: &str, cmd: &str) -> kiln_runtime::envd::Comm
 fn create_req(env: &[(&str, &str)]) -> CreateRequest {
     CreateRequest {
         template_id: TEMPLATE.into(),
-        env_vars: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env_vars: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         access_token: Some("test-token-123".into()),
         ..Default::default()
     }
@@ -94,14 +97,29 @@ fn root_create_run_and_kill() {
     let (node, _g) = node();
     let rt = &node.rt;
     TOKIO.block_on(async {
-        let info = rt.create(create_req(&[("KILN_TEST_VAR", "hello-env")])).await.unwrap();
+        let info = rt
+            .create(create_req(&[("KILN_TEST_VAR", "hello-env")]))
+            .await
+            .unwrap();
         assert_eq!(info.state, SandboxState::Running);
         let id = info.id.clone();
         let out = run(rt, &id, "echo hello; whoami; pwd; echo $KILN_TEST_VAR").await;
         assert_eq!(out.stdout, "hello\nuser\n/home/user\nhello-env\n");
         // Writes land in the sandbox's own overlay, never in the template.
-        run(rt, &id, "echo data > /home/user/f.txt && cat /home/user/f.txt").await;
-        assert!(!node.dir.join("data/templates").join(TEMPLATE).join("rootfs/home/user/f.txt").exists());
+        run(
+            rt,
+            &id,
+            "echo data > /home/user/f.txt && cat /home/user/f.txt",
+        )
+        .await;
+        assert!(
+            !node
+                .dir
+                .join("data/templates")
+                .join(TEMPLATE)
+                .join("rootfs/home/user/f.txt")
+                .exists()
+        );
         // envd demands the access token.
         let addr = info.envd_addr.unwrap();
         let resp = reqwest::Client::new()
@@ -112,8 +130,16 @@ fn root_create_run_and_kill() {
         assert_eq!(resp.status(), 401);
         // Every sandbox gets its own entropy and hostname.
         let other = rt.create(create_req(&[])).await.unwrap();
-        let a = run(rt, &id, "hostname; head -c 16 /dev/urandom | od -An -tx1").await.stdout;
-        let b = run(rt, &other.id, "hostname; head -c 16 /dev/urandom | od -An -tx1").await.stdout;
+        let a = run(rt, &id, "hostname; head -c 16 /dev/urandom | od -An -tx1")
+            .await
+            .stdout;
+        let b = run(
+            rt,
+            &other.id,
+            "hostname; head -c 16 /dev/urandom | od -An -tx1",
+        )
+        .await
+        .stdout;
         assert_ne!(a, b);
         let netns = PathBuf::from("/var/run/netns");
         rt.kill_and_wait(&id).await.unwrap();
@@ -121,9 +147,16 @@ fn root_create_run_and_kill() {
         assert!(rt.info(&id).is_err());
         assert!(rt.list().iter().all(|s| s.id != id));
         let leftovers: Vec<_> = std::fs::read_dir(&netns)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(leftovers.iter().all(|n: &String| !n.starts_with("krt")), "{leftovers:?}");
+        assert!(
+            leftovers.iter().all(|n: &String| !n.starts_with("krt")),
+            "{leftovers:?}"
+        );
         assert!(rt.kill(&id).await.is_err(), "killing twice must fail");
     });
 }
@@ -213,7 +246,8 @@ fn root_concurrent_creates() {
             let out = run(rt, id, "echo ok").await;
             assert_eq!(out.stdout, "ok\n");
         }
-        let ips: std::collections::HashSet<_> = ids.iter().map(|id| rt.info(id).unwrap().ip).collect();
+        let ips: std::collections::HashSet<_> =
+            ids.iter().map(|id| rt.info(id).unwrap().ip).collect();
         assert_eq!(ips.len(), ids.len(), "every sandbox has its own address");
         for id in &ids {
             rt.kill_and_wait(id).await.unwrap();
@@ -227,12 +261,18 @@ fn root_bad_requests_get_clear_errors() {
     let rt = &node.rt;
     TOKIO.block_on(async {
         let err = rt
-            .create(CreateRequest { template_id: "no-such-template".into(), ..Default::default() })
+            .create(CreateRequest {
+                template_id: "no-such-template".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not found"), "{err}");
         let err = rt
-            .create(CreateRequest { template_id: "../etc".into(), ..Default::default() })
+            .create(CreateRequest {
+                template_id: "../etc".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not found"), "{err}");

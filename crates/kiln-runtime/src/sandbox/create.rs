@@ -9,8 +9,8 @@ use crate::Error;
 use crate::envd::{ENVD_PORT, EnvdClient, InitRequest, fresh_entropy};
 use crate::network::{EgressPolicy, Slot};
 use crate::runtime::{
-    CreateRequest, Entry, Runtime, SandboxInfo, SandboxRecord, SandboxState, info_of, new_sandbox_id,
-    save_record, valid_sandbox_id,
+    CreateRequest, Entry, Runtime, SandboxInfo, SandboxRecord, SandboxState, info_of,
+    new_sandbox_id, save_record, valid_sandbox_id,
 };
 use crate::template::TemplateMeta;
 
@@ -48,12 +48,13 @@ pub(crate) async fn boot(
     let bundle = run_dir.join("bundle");
     let log = run_dir.join("runsc.log");
     let spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, &meta.resources);
-    let started = (|| {
-        crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e))
-    })();
+    let started =
+        (|| crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e)))(
+        );
     let started = match started {
         Ok(()) => {
-            let (rt2, cid2, bundle2, log2) = (rt.clone(), cid.to_string(), bundle.clone(), log.clone());
+            let (rt2, cid2, bundle2, log2) =
+                (rt.clone(), cid.to_string(), bundle.clone(), log.clone());
             let image = image.map(Path::to_path_buf);
             tokio::task::spawn_blocking(move || match image {
                 Some(image) => rt2.runsc.restore(&cid2, &bundle2, &image, &log2),
@@ -83,7 +84,8 @@ impl Runtime {
     /// sandbox's env vars, access token, clock and fresh entropy.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<SandboxInfo, Error> {
         let meta = self.template(&req.template_id)?;
-        let image = (!req.cold && self.has_snapshot(&meta.id)).then(|| self.template_snapshot(&meta.id).clone());
+        let image = (!req.cold && self.has_snapshot(&meta.id))
+            .then(|| self.template_snapshot(&meta.id).clone());
         if !req.cold && image.is_none() {
             return Err(Error::TemplateInvalid {
                 id: meta.id.clone(),
@@ -155,7 +157,10 @@ impl Runtime {
                 Ok(info_of(&record))
             }
             Err(e) => {
-                self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                self.sandboxes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 let _ = std::fs::remove_dir_all(self.sandbox_data_dir(&id));
                 Err(e)
             }

@@ -25,7 +25,11 @@ pub(crate) fn teardown_blocking(rt: &Runtime, cid: &str, slot: Option<u32>) {
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
-pub(crate) fn teardown_in_background(rt: &Arc<Runtime>, cid: &str, slot: Option<u32>) -> std::thread::JoinHandle<()> {
+pub(crate) fn teardown_in_background(
+    rt: &Arc<Runtime>,
+    cid: &str,
+    slot: Option<u32>,
+) -> std::thread::JoinHandle<()> {
     let (rt, cid) = (rt.clone(), cid.to_string());
     std::thread::spawn(move || teardown_blocking(&rt, &cid, slot))
 }
@@ -62,7 +66,10 @@ impl Runtime {
             record.state = SandboxState::Killed;
             record.slot.take().map(|s| s.index)
         };
-        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         // The record goes first: a crash now must not resurrect the sandbox.
         let _ = std::fs::remove_dir_all(self.sandbox_data_dir(id));
         tracing::info!(sandbox = %id, "sandbox killed");

@@ -32,7 +32,8 @@ impl Runtime {
         let image = self.sandbox_data_dir(id).join("snapshot");
         let tmp = image.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        let result = std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating snapshot dir", e));
+        let result =
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating snapshot dir", e));
         let result = match result {
             Ok(()) => {
                 let (rt, cid, tmp2) = (self.clone(), id.to_string(), tmp.clone());
@@ -62,9 +63,11 @@ impl Runtime {
         // The checkpointed container has stopped; deleting it is quick.
         let (rt, cid) = (self.clone(), id.to_string());
         let index = slot.map(|s| s.index);
-        tokio::task::spawn_blocking(move || crate::sandbox::destroy::teardown_blocking(&rt, &cid, index))
-            .await
-            .map_err(|e| Error::io("teardown task", std::io::Error::other(e)))?;
+        tokio::task::spawn_blocking(move || {
+            crate::sandbox::destroy::teardown_blocking(&rt, &cid, index)
+        })
+        .await
+        .map_err(|e| Error::io("teardown task", std::io::Error::other(e)))?;
         let took = started.elapsed();
         tracing::info!(?took, "sandbox paused");
         Ok(took)
@@ -85,7 +88,11 @@ impl Runtime {
                 });
             }
             record.state = SandboxState::Resuming;
-            (record.template_id.clone(), record.egress.clone(), record.access_token.clone())
+            (
+                record.template_id.clone(),
+                record.egress.clone(),
+                record.access_token.clone(),
+            )
         };
         let span = tracing::info_span!("resume", sandbox = %id);
         let _enter = span.enter();

@@ -25,7 +25,9 @@ pub(crate) fn load_records(data_dir: &Path) -> Vec<SandboxRecord> {
 }
 
 fn is_live(runsc: &Runsc, r: &SandboxRecord) -> bool {
-    r.state == SandboxState::Running && r.slot.is_some() && runsc.state(&r.id) == ContainerStatus::Running
+    r.state == SandboxState::Running
+        && r.slot.is_some()
+        && runsc.state(&r.id) == ContainerStatus::Running
 }
 
 pub(crate) fn adopt_network(
