@@ -125,7 +125,7 @@ fn main() {
         for mb in [10, 100, 500] {
             let client = rt.envd(id).unwrap();
             client
-                .run(&format!("pkill -f memhold; true"), "user", Duration::from_secs(10))
+                .run("pkill -f memhold; true", "user", Duration::from_secs(10))
                 .await
                 .unwrap();
             client

@@ -49,8 +49,7 @@ pub(crate) async fn boot(
     let log = run_dir.join("runsc.log");
     let spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, &meta.resources);
     let started =
-        (|| crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e)))(
-        );
+        crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e));
     let started = match started {
         Ok(()) => {
             let (rt2, cid2, bundle2, log2) =
@@ -139,10 +138,10 @@ impl Runtime {
                 crate::sandbox::destroy::teardown_container(self, &id, Some(booted.slot.index));
                 return Err(e);
             }
-            if req.cold {
-                if let Some(cmd) = &meta.start_cmd {
-                    client.start_background(cmd, &meta.user, "start").await?;
-                }
+            if req.cold
+                && let Some(cmd) = &meta.start_cmd
+            {
+                client.start_background(cmd, &meta.user, "start").await?;
             }
             Ok(booted.slot)
         }

@@ -12,15 +12,15 @@ use crate::runtime::{Runtime, SandboxState};
 pub(crate) fn teardown_blocking(rt: &Runtime, cid: &str, slot: Option<u32>) {
     let run_dir = rt.sandbox_run_dir(cid);
     let log = run_dir.join("runsc.log");
-    if rt.runsc.state(cid) != crate::runsc::ContainerStatus::Missing {
-        if let Err(e) = rt.runsc.delete(cid, &log) {
-            tracing::warn!(container = %cid, error = %e, "runsc delete failed");
-        }
+    if rt.runsc.state(cid) != crate::runsc::ContainerStatus::Missing
+        && let Err(e) = rt.runsc.delete(cid, &log)
+    {
+        tracing::warn!(container = %cid, error = %e, "runsc delete failed");
     }
-    if let Some(index) = slot {
-        if let Err(e) = rt.net.release(index) {
-            tracing::warn!(container = %cid, error = %e, "releasing network failed");
-        }
+    if let Some(index) = slot
+        && let Err(e) = rt.net.release(index)
+    {
+        tracing::warn!(container = %cid, error = %e, "releasing network failed");
     }
     let _ = std::fs::remove_dir_all(&run_dir);
 }
