@@ -50,6 +50,13 @@ impl Runsc {
             // Checkpoints must succeed while clients are connected to envd.
             .arg("--net-disconnect-ok")
             .stdin(Stdio::null());
+        // Diagnostics: gVisor's own debug logs, one file per runsc command.
+        if let Some(dir) = std::env::var_os("KILN_RUNSC_DEBUG_DIR") {
+            let mut flag = std::ffi::OsString::from("--debug-log=");
+            flag.push(dir);
+            flag.push("/");
+            cmd.arg("--debug").arg(flag);
+        }
         cmd
     }
 
@@ -200,7 +207,7 @@ impl Runsc {
     pub fn list(&self) -> Vec<String> {
         let Ok(output) = self
             .command()
-            .args(["list", "-q"])
+            .args(["list", "-quiet"])
             .stderr(Stdio::null())
             .output()
         else {
@@ -216,8 +223,8 @@ impl Runsc {
 }
 
 /// The last lines of a runsc log, for error messages.
-fn log_tail(log: &Path) -> String {
+pub(crate) fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(6).collect();
+    let lines: Vec<&str> = text.lines().rev().take(12).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }

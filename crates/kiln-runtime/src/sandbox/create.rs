@@ -69,8 +69,15 @@ pub(crate) async fn boot(
         Ok(()) => client.wait_healthy(Duration::from_secs(20)).await,
         Err(e) => Err(e),
     };
-    if let Err(e) = healthy {
+    if let Err(mut e) = healthy {
+        if let Error::Envd(msg) = &mut e {
+            msg.push_str(&format!("; runsc log: {}", crate::runsc::log_tail(&log)));
+        }
         tracing::warn!(container = %cid, error = %e, "boot failed");
+        if std::env::var_os("KILN_DEBUG_KEEP_FAILED").is_some() {
+            tracing::warn!(container = %cid, "KILN_DEBUG_KEEP_FAILED: leaving it for inspection");
+            return Err(e);
+        }
         crate::sandbox::destroy::teardown_container(rt, cid, Some(slot.index));
         return Err(e);
     }
