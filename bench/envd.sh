@@ -4,12 +4,12 @@
 #   * commands.run("true") p50/p99 through the official Python SDK (as `user`),
 #   * raw Connect Start of /bin/true p50/p99 over one kept-alive HTTP/1.1
 #     connection, and its ratio to spawning /bin/true directly,
-#   * 1 GiB upload and download throughput through /files with curl,
+#   * 1 GiB upload (octet-stream) and download throughput through /files with curl,
 #   * envd's peak RSS (VmHWM).
 # Figures go to stdout and bench/out/ (gitignored).
 #
-# Environment: ENVD_URL (use a running envd instead of starting one; its peak
-# RSS is then read only if its pid is found), BENCH_N (iterations, default 300),
+# Environment: ENVD_URL (use a running envd instead of starting one; give its
+# pid in ENVD_PID to get its peak RSS), BENCH_N (iterations, default 300),
 # BENCH_GIB (transfer size in GiB, default 1), BENCH_DIR (where the transfer file
 # lives; default /dev/shm when it has room, else /var/tmp).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -22,15 +22,15 @@ OUT_DIR="$KILN_ROOT/bench/out"
 mkdir -p "$OUT_DIR"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 REPORT="$OUT_DIR/envd-$STAMP.txt"
-ENVD_PID=""
 TRANSFER_FILES=()
+OWN_PID="" # the envd this script started (and stops)
 
 cleanup() {
   local f
   for f in "${TRANSFER_FILES[@]}"; do rm -f -- "$f"; done
-  if [[ -n "$ENVD_PID" ]] && kill -0 "$ENVD_PID" 2>/dev/null; then
-    kill -TERM "$ENVD_PID" 2>/dev/null || true
-    wait "$ENVD_PID" 2>/dev/null || true
+  if [[ -n "$OWN_PID" ]] && kill -0 "$OWN_PID" 2>/dev/null; then
+    kill -TERM "$OWN_PID" 2>/dev/null || true
+    wait "$OWN_PID" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT
@@ -42,17 +42,17 @@ ensure_python_venv
 RSS_PID=""
 if [[ -n "${ENVD_URL:-}" ]]; then
   URL="$ENVD_URL"
-  RSS_PID="$(pgrep -x envd | head -n1 || true)" # a borrowed envd is not ours to stop
+  RSS_PID="${ENVD_PID:-}" # a borrowed envd is not ours to stop
   log "using the envd at $URL"
 else
   BIN="$(build_envd release)"
   PORT="$("$KILN_VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   URL="http://127.0.0.1:$PORT"
   "$BIN" --addr 127.0.0.1 --port "$PORT" >"$OUT_DIR/envd-$STAMP.log" 2>&1 </dev/null &
-  ENVD_PID=$!
-  RSS_PID="$ENVD_PID"
-  wait_for_health "$URL" "$ENVD_PID" 30 || die "envd did not start; see $OUT_DIR/envd-$STAMP.log"
-  log "release envd on $URL (pid $ENVD_PID)"
+  OWN_PID=$!
+  RSS_PID="$OWN_PID"
+  wait_for_health "$URL" "$OWN_PID" 30 || die "envd did not start; see $OUT_DIR/envd-$STAMP.log"
+  log "release envd on $URL (pid $OWN_PID)"
 fi
 
 # --- latency -------------------------------------------------------------------
@@ -81,9 +81,11 @@ if TDIR="$(pick_dir)"; then
   TRANSFER_FILES+=("$SRC" "$DST")
   log "throughput: ${GIB} GiB through /files (files in $TDIR)"
   head -c "$BYTES" /dev/urandom >"$SRC"
-  # Upload as root so any directory works; octet-stream body.
+  # Upload as root so any directory works; octet-stream body streamed from the
+  # file (`--data-binary @file` would first load all of it into curl's memory,
+  # which curl refuses at this size).
   read -r up_t up_code < <(curl -sS -o /dev/null -w '%{time_total} %{http_code}\n' \
-    -X POST -H 'Content-Type: application/octet-stream' --data-binary @"$SRC" \
+    -X POST -H 'Content-Type: application/octet-stream' -T "$SRC" \
     "$URL/files?path=$DST&username=root")
   [[ "$up_code" == 200 ]] || die "upload answered HTTP $up_code"
   read -r down_t down_code < <(curl -sS -o /dev/null -w '%{time_total} %{http_code}\n' \
@@ -115,7 +117,7 @@ print(row('SDK commands.run("true") as user', "sdk_commands_run_true"))
 print(row("raw Connect Start /bin/true (keep-alive)", "raw_connect_start_true"))
 print(row("direct spawn /bin/true (python subprocess)", "direct_spawn_true"))
 print(f"{'ratio raw / direct':<44} p50 {lat['ratio_raw_over_direct_p50']:8.2f} x    p99 {lat['ratio_raw_over_direct_p99']:8.2f} x")
-print(f"{'upload ' + gib + ' GiB /files (curl, octet-stream)':<44} {up} MiB/s" + (f"   [{tdir}]" if tdir else ""))
+print(f"{'upload ' + gib + ' GiB /files (curl -T, octet-stream)':<44} {up} MiB/s" + (f"   [{tdir}]" if tdir else ""))
 print(f"{'download ' + gib + ' GiB /files (curl)':<44} {down} MiB/s")
 print(f"{'envd peak RSS (VmHWM)':<44} {hwm}")
 EOF

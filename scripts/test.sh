@@ -76,7 +76,7 @@ if port_in_use "$ENVD_PORT"; then
   die "port $ENVD_PORT is already in use (another envd? try: ss -ltnp 'sport = :$ENVD_PORT'); stop it and re-run"
 fi
 log "starting envd on 127.0.0.1:$ENVD_PORT (log: $ENVD_LOG)"
-RUST_LOG="${RUST_LOG:-info}" "$ENVD_BIN" --addr 127.0.0.1 --port "$ENVD_PORT" >"$ENVD_LOG" 2>&1 </dev/null &
+NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$ENVD_BIN" --addr 127.0.0.1 --port "$ENVD_PORT" >"$ENVD_LOG" 2>&1 </dev/null &
 ENVD_PID=$!
 if ! wait_for_health "$ENVD_URL" "$ENVD_PID" 30; then
   tail -n 50 "$ENVD_LOG" >&2 || true

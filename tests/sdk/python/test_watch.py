@@ -270,10 +270,12 @@ async def test_async_watch_remove(async_sandbox, test_dir):
 
 
 async def test_async_watch_stop_calls_on_exit(async_sandbox, test_dir):
-    exits = []
+    events, exits = [], []
     handle = await async_sandbox.files.watch_dir(
-        test_dir, on_event=lambda e: None, on_exit=exits.append
+        test_dir, on_event=events.append, on_exit=exits.append
     )
+    await async_sandbox.files.write(f"{test_dir}/before-stop.txt", "x")
+    assert await _wait_for(events, lambda ev: len(ev) > 0)
     await handle.stop()
     assert await _wait_for(exits, lambda ex: len(ex) == 1)
     assert exits == [None]
