@@ -29,7 +29,9 @@ pub const VERSION: &str = "0.6.4";
 /// Builds the whole envd HTTP application.
 pub fn app(state: EnvdState) -> axum::Router {
     let rpc = connectrpc::Router::new();
-    // process.Process
+    let rpc = rpc.add_service(std::sync::Arc::new(process::ProcessService::new(
+        state.clone(),
+    )));
     // filesystem.Filesystem
     let rpc = rpc
         .into_axum_router()
