@@ -66,7 +66,10 @@ ensure_base_tools() {
 ensure_sandbox_user() {
   if ! id -u "$KILN_SANDBOX_USER" >/dev/null 2>&1; then
     log "creating user '$KILN_SANDBOX_USER'"
-    useradd --create-home --home-dir "/home/$KILN_SANDBOX_USER" --shell /bin/bash --user-group "$KILN_SANDBOX_USER"
+    local group_opt=(--user-group)
+    # A leftover group of that name makes --user-group fail: join it instead.
+    getent group "$KILN_SANDBOX_USER" >/dev/null && group_opt=(--gid "$KILN_SANDBOX_USER")
+    useradd --create-home --home-dir "/home/$KILN_SANDBOX_USER" --shell /bin/bash "${group_opt[@]}" "$KILN_SANDBOX_USER"
   fi
   local home
   home="$(getent passwd "$KILN_SANDBOX_USER" | cut -d: -f6)"
