@@ -32,7 +32,9 @@ pub fn app(state: EnvdState) -> axum::Router {
     let rpc = rpc.add_service(std::sync::Arc::new(process::ProcessService::new(
         state.clone(),
     )));
-    // filesystem.Filesystem
+    let rpc = rpc.add_service(std::sync::Arc::new(filesystem::FilesystemService::new(
+        state.clone(),
+    )));
     let rpc = rpc
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(
