@@ -1,7 +1,6 @@
 //! `process.Process` against the real envd binary.
 
 // common/mod.rs is shared and not ours to change; it trips this lint.
-#[allow(clippy::collapsible_if)]
 mod common;
 
 use std::time::Duration;
