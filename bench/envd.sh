@@ -14,7 +14,7 @@
 # lives; default /dev/shm when it has room, else /var/tmp).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 require_root
-cd "$KILN_ROOT"
+cd "$KILN_ROOT" || exit 1
 
 N="${BENCH_N:-300}"
 GIB="${BENCH_GIB:-1}"

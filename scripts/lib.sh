@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for Kiln's scripts. Source it: `source scripts/lib.sh`.
 #
 # Everything here must work on a fresh Debian bookworm machine as root with

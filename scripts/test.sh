@@ -8,7 +8,7 @@
 #   PYTEST_ARGS="-k pty"      extra pytest arguments
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require_root
-cd "$KILN_ROOT"
+cd "$KILN_ROOT" || exit 1
 
 ENVD_PORT=49983
 ENVD_URL="http://127.0.0.1:$ENVD_PORT"
