@@ -1081,7 +1081,6 @@ async fn tag_and_pid_selectors_work_for_every_rpc() {
 }
 
 #[tokio::test]
-#[ignore = "needs POST /init, which another change adds; enable once it lands"]
 async fn sandbox_env_vars_then_request_envs() {
     let envd = Envd::start().await;
     let resp = envd
