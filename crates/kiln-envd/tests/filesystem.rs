@@ -2,7 +2,6 @@
 //! default user is `user`, whose uid differs between machines).
 
 // The shared helper trips a newer clippy lint; it is not this file's to fix.
-#[allow(clippy::collapsible_if)]
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

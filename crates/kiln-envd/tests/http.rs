@@ -2,7 +2,6 @@
 //! `/init`, `/envs`, `/metrics`.
 
 // common/mod.rs (not owned here) trips clippy::collapsible_if on Rust 1.95.
-#[allow(clippy::collapsible_if)]
 mod common;
 
 use std::ffi::CString;

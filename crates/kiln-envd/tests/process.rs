@@ -1,7 +1,6 @@
 //! `process.Process` against the real envd binary.
 
 // common/mod.rs is shared and not ours to change; it trips this lint.
-#[allow(clippy::collapsible_if)]
 mod common;
 
 use std::time::Duration;
@@ -1082,7 +1081,6 @@ async fn tag_and_pid_selectors_work_for_every_rpc() {
 }
 
 #[tokio::test]
-#[ignore = "needs POST /init, which another change adds; enable once it lands"]
 async fn sandbox_env_vars_then_request_envs() {
     let envd = Envd::start().await;
     let resp = envd

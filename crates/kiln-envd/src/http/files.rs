@@ -266,21 +266,30 @@ fn identity_acceptable(headers: &HeaderMap) -> bool {
         .is_none_or(|q| q > 0.0)
 }
 
-/// The response coding: gzip when the client lists it with the best weight,
-/// identity when listed (or `*`) or no header, else 406 (like E2B's envd, a
-/// header naming only unsupported codings such as `br` is refused).
+/// The response coding. gzip only when the client asks for it specifically
+/// (the SDKs send exactly `Accept-Encoding: gzip` for `gzip=True`), not for
+/// an HTTP client's blanket default such as `gzip, deflate`: compression caps
+/// a download at a few hundred MB/s, and identity stays acceptable unless
+/// refused with q=0 (RFC 9110). A header naming only unsupported codings
+/// (e.g. `br`) gets 406, like E2B's envd.
 fn choose_encoding(headers: &HeaderMap) -> Result<Encoding, HttpError> {
     let Some(list) = accepted(headers) else {
         return Ok(Encoding::Identity);
     };
     let gzip = q_of(&list, &["gzip", "x-gzip"]).unwrap_or(0.0);
-    let identity = q_of(&list, &["identity"])
-        .or_else(|| q_of(&list, &["*"]))
-        .unwrap_or(0.0);
-    if gzip > 0.0 && gzip >= identity {
-        Ok(Encoding::Gzip)
-    } else if identity > 0.0 {
+    let listed_identity = q_of(&list, &["identity"]).or_else(|| q_of(&list, &["*"]));
+    let specific = list
+        .iter()
+        .all(|(c, _)| matches!(c.as_str(), "gzip" | "x-gzip" | "identity"));
+    if gzip > 0.0 && specific && gzip >= listed_identity.unwrap_or(0.0) {
+        return Ok(Encoding::Gzip);
+    }
+    let only_unsupported = q_of(&list, &["gzip", "x-gzip"]).is_none() && listed_identity.is_none();
+    let identity_ok = listed_identity.is_none_or(|q| q > 0.0);
+    if identity_ok && !only_unsupported {
         Ok(Encoding::Identity)
+    } else if gzip > 0.0 {
+        Ok(Encoding::Gzip)
     } else {
         let names: Vec<&str> = list.iter().map(|(c, _)| c.as_str()).collect();
         Err(HttpError::new(
@@ -480,6 +489,11 @@ mod tests {
         );
         assert_eq!(
             choose_encoding(&headers("gzip, deflate")).unwrap(),
+            Encoding::Identity
+        );
+        assert_eq!(choose_encoding(&headers("gzip")).unwrap(), Encoding::Gzip);
+        assert_eq!(
+            choose_encoding(&headers("gzip, deflate, identity;q=0")).unwrap(),
             Encoding::Gzip
         );
         assert_eq!(

@@ -47,10 +47,10 @@ impl Envd {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(r) = envd.client.get(envd.url("/health")).send().await {
-                if r.status() == 204 {
-                    return envd;
-                }
+            if let Ok(r) = envd.client.get(envd.url("/health")).send().await
+                && r.status() == 204
+            {
+                return envd;
             }
             assert!(Instant::now() < deadline, "envd did not become healthy");
             tokio::time::sleep(Duration::from_millis(20)).await;
