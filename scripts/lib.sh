@@ -62,6 +62,38 @@ ensure_base_tools() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (~/.cargo/bin is searched)"
 }
 
+# The gVisor release this runtime is tested with (Debian bookworm-backports).
+KILN_RUNSC_VERSION="0.0~20240729.0-4~bpo12+2"
+# The offline default base image, made with debootstrap.
+BASE_ROOTFS="${KILN_BASE_ROOTFS:-/var/lib/kiln/cache/base-rootfs}"
+
+# ensure_runtime_packages: gVisor's runsc (pinned, from bookworm-backports),
+# debootstrap for the base image, nftables and iproute2 for sandbox networks.
+ensure_runtime_packages() {
+  local sources=/etc/apt/sources.list.d/kiln-bookworm-backports.sources
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    log "adding the bookworm-backports apt source (for runsc)"
+    cat >"$sources" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    _KILN_APT_UPDATED=0
+  fi
+  apt_install debootstrap nftables iproute2 binutils
+  if [[ "$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)" != "$KILN_RUNSC_VERSION" ]]; then
+    if ((_KILN_APT_UPDATED == 0)); then
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null >/dev/null
+      _KILN_APT_UPDATED=1
+    fi
+    log "apt-get install runsc=$KILN_RUNSC_VERSION"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "runsc=$KILN_RUNSC_VERSION" </dev/null >/dev/null
+  fi
+}
+
 # ensure_sandbox_user: the sandbox's default user `user` (home /home/user,
 # bash). Its uid is whatever is free: 1000 may be taken.
 ensure_sandbox_user() {

@@ -56,6 +56,15 @@ ensure_base_tools
 ensure_sandbox_user
 ensure_python_venv
 ensure_node_modules
+ensure_runtime_packages
+
+# The runtime tests boot real gVisor sandboxes from the base image, with a
+# static envd as their init.
+log "base rootfs ($BASE_ROOTFS)"
+bash "$KILN_ROOT/scripts/build-base-rootfs.sh" "$BASE_ROOTFS" >&2
+log "static envd"
+KILN_TEST_ENVD="$(bash "$KILN_ROOT/scripts/build-envd.sh")"
+export KILN_TEST_ENVD KILN_TEST_BASE_ROOTFS="$BASE_ROOTFS"
 
 # --- 1. Rust tests -----------------------------------------------------------
 if [[ "${KILN_SKIP_CARGO_TESTS:-0}" != 1 ]]; then
@@ -65,6 +74,9 @@ if [[ "${KILN_SKIP_CARGO_TESTS:-0}" != 1 ]]; then
   rc="${PIPESTATUS[0]}"
   set -e
   count_results cargo "$OUT_DIR/cargo-test.log" "$rc"
+  # What the runtime tests leave: their node directories and firewall table.
+  rm -rf /var/tmp/kiln-rt-test-*
+  nft delete table inet kiln_rt_test 2>/dev/null || true
 else
   log "skipping cargo tests (KILN_SKIP_CARGO_TESTS=1)"
 fi
