@@ -203,6 +203,22 @@ impl Runsc {
         }
     }
 
+    /// The host pid of a running sandbox's `runsc-sandbox` process.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        let output = self
+            .command()
+            .args(["state", id])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        state
+            .get("pid")?
+            .as_u64()
+            .filter(|p| *p > 0)
+            .map(|p| p as u32)
+    }
+
     /// IDs of every container runsc knows in this root.
     pub fn list(&self) -> Vec<String> {
         let Ok(output) = self

@@ -47,6 +47,8 @@ pub enum SandboxState {
     Pausing,
     Paused,
     Resuming,
+    /// The sandbox stopped on its own (e.g. killed for running out of memory).
+    Exited,
     Killed,
 }
 
@@ -83,6 +85,12 @@ pub struct SandboxRecord {
     pub egress: EgressPolicy,
     pub slot: Option<Slot>,
     pub started_at: SystemTime,
+    /// Host pid of the running sandbox (`runsc-sandbox`), to notice its death cheaply.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Why an exited sandbox stopped.
+    #[serde(default)]
+    pub exit_reason: Option<String>,
 }
 
 /// What callers see of a sandbox.
@@ -96,6 +104,8 @@ pub struct SandboxInfo {
     pub envd_addr: Option<SocketAddr>,
     pub ip: Option<Ipv4Addr>,
     pub started_at: SystemTime,
+    /// Why the sandbox stopped, when its state is `Exited` (e.g. "out of memory").
+    pub exit_reason: Option<String>,
 }
 
 pub(crate) struct Entry {
@@ -180,8 +190,42 @@ impl Runtime {
 
     pub fn info(&self, id: &str) -> Result<SandboxInfo, Error> {
         let entry = self.entry(id)?;
-        let record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(info_of(&record))
+        Ok(self.refresh(&entry))
+    }
+
+    /// The sandbox's info, after noticing whether a running sandbox died on
+    /// its own (its `runsc-sandbox` process is gone): it then becomes
+    /// `Exited`, with "out of memory" as the reason when its memory cgroup
+    /// recorded an OOM kill, and its container and network are freed.
+    pub(crate) fn refresh(&self, entry: &Entry) -> SandboxInfo {
+        let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+        let dead = record.state == SandboxState::Running
+            && record.pid.is_some_and(|pid| !process_alive(pid));
+        if dead {
+            let oom = oom_killed(&record.id);
+            record.exit_reason = Some(
+                if oom {
+                    "out of memory"
+                } else {
+                    "sandbox exited"
+                }
+                .to_string(),
+            );
+            record.state = SandboxState::Exited;
+            tracing::warn!(sandbox = %record.id, reason = ?record.exit_reason, "sandbox exited on its own");
+            let slot = record.slot.take().map(|s| s.index);
+            let _ = save_record(&self.sandbox_data_dir(&record.id), &record);
+            let (cid, runsc) = (record.id.clone(), self.runsc.clone());
+            let (net, run_dir) = (self.net.clone(), self.sandbox_run_dir(&record.id));
+            std::thread::spawn(move || {
+                let _ = runsc.delete(&cid, &run_dir.join("runsc.log"));
+                if let Some(index) = slot {
+                    let _ = net.release(index);
+                }
+                let _ = std::fs::remove_dir_all(&run_dir);
+            });
+        }
+        info_of(&record)
     }
 
     /// Removes every sandbox's network and the node's firewall table (tests, shutdown).
@@ -201,7 +245,42 @@ pub(crate) fn info_of(r: &SandboxRecord) -> SandboxInfo {
         envd_addr: ip.map(|ip| SocketAddr::new(ip.into(), ENVD_PORT)),
         ip,
         started_at: r.started_at,
+        exit_reason: r.exit_reason.clone(),
     }
+}
+
+/// Whether host process `pid` is alive (not gone, not a zombie).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether the memory cgroup of container `id` recorded an OOM kill
+/// (cgroup v1 `memory.oom_control`, or v2 `memory.events`).
+fn oom_killed(id: &str) -> bool {
+    let count = |path: String, key: &str| -> u64 {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse().unwrap_or(0)))
+            })
+            .unwrap_or(0)
+    };
+    count(
+        format!("/sys/fs/cgroup/memory/kiln/{id}/memory.oom_control"),
+        "oom_kill ",
+    ) > 0
+        || count(
+            format!("/sys/fs/cgroup/kiln/{id}/memory.events"),
+            "oom_kill ",
+        ) > 0
 }
 
 /// Writes a record atomically (temp file + rename).

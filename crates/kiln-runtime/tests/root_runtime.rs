@@ -80,6 +80,13 @@ async fn run(rt: &Arc<Runtime>, id: &str, cmd: &str) -> kiln_runtime::envd::Comm
     out
 }
 
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn create_req(env: &[(&str, &str)]) -> CreateRequest {
     CreateRequest {
         template_id: TEMPLATE.into(),
@@ -210,7 +217,7 @@ fn root_pause_and_resume_keep_processes_memory_and_files() {
             .unwrap();
         run(rt, &id, "for i in $(seq 100); do [ -s /tmp/ready ] && exit 0; sleep 0.05; done; exit 1").await;
         let secret = run(rt, &id, "cat /tmp/secret").await.stdout;
-        for cycle in 0..3 {
+        for cycle in 0..env_or("KILN_TEST_PAUSE_CYCLES", 100) {
             rt.pause(&id).await.unwrap_or_else(|e| panic!("pause {cycle}: {e}"));
             assert_eq!(rt.info(&id).unwrap().state, SandboxState::Paused);
             assert!(rt.envd(&id).is_err());
@@ -235,7 +242,7 @@ fn root_concurrent_creates() {
     let (node, _g) = node();
     let rt = &node.rt;
     TOKIO.block_on(async {
-        let creates = (0..4).map(|_| rt.create(create_req(&[])));
+        let creates = (0..env_or("KILN_TEST_CONCURRENT", 20)).map(|_| rt.create(create_req(&[])));
         let infos: Vec<_> = futures::future::join_all(creates).await;
         let mut ids = Vec::new();
         for info in infos {
@@ -283,4 +290,219 @@ fn root_bad_requests_get_clear_errors() {
         assert!(err.to_string().contains("cannot resume"), "{err}");
         rt.kill_and_wait(&info.id).await.unwrap();
     });
+}
+
+/// What a sandbox could leave behind on the host, for sandboxes of this node.
+fn leftovers(node: &Node, ids: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    found.extend(
+        names("/var/run/netns")
+            .into_iter()
+            .filter(|n| n.starts_with("krt-"))
+            .map(|n| format!("netns {n}")),
+    );
+    found.extend(
+        names("/sys/class/net")
+            .into_iter()
+            .filter(|n| n.starts_with("krt-"))
+            .map(|n| format!("interface {n}")),
+    );
+    for sub in ["run/sandboxes", "data/sandboxes"] {
+        let dir = node.dir.join(sub);
+        found.extend(
+            names(dir.to_str().unwrap())
+                .into_iter()
+                .map(|n| format!("{sub}/{n}")),
+        );
+    }
+    let nft = std::process::Command::new("nft")
+        .args(["list", "table", "inet", "kiln_rt_test"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&nft.stdout);
+    found.extend(
+        rules
+            .lines()
+            .filter(|l| l.trim_start().starts_with("chain sbx-"))
+            .map(|l| format!("nft {}", l.trim())),
+    );
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    for id in ids {
+        if ps.lines().any(|l| l.contains(id.as_str())) {
+            found.push(format!("process of {id}"));
+        }
+        for cg in [
+            format!("/sys/fs/cgroup/memory/kiln/{id}"),
+            format!("/sys/fs/cgroup/kiln/{id}"),
+        ] {
+            if std::path::Path::new(&cg).exists() {
+                found.push(cg);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn root_create_kill_cycles_leave_nothing_behind() {
+    let (node, _g) = node();
+    let rt = &node.rt;
+    let cycles = env_or("KILN_TEST_CREATE_CYCLES", 100);
+    TOKIO.block_on(async {
+        let mut all = Vec::new();
+        let mut done = 0;
+        while done < cycles {
+            let batch = (cycles - done).min(10);
+            let mut ids = Vec::new();
+            for _ in 0..batch {
+                let info = rt.create(create_req(&[])).await.unwrap();
+                ids.push(info.id);
+            }
+            run(rt, &ids[0], "echo alive").await;
+            let kills = ids.iter().map(|id| rt.kill_and_wait(id));
+            for r in futures::future::join_all(kills).await {
+                r.unwrap();
+            }
+            all.extend(ids);
+            done += batch;
+        }
+        let left = leftovers(node, &all);
+        assert!(
+            left.is_empty(),
+            "left behind after {cycles} create/kill cycles: {left:?}"
+        );
+    });
+}
+
+#[test]
+fn root_memory_limit_is_enforced_and_reported() {
+    let (node, _g) = node();
+    let rt = &node.rt;
+    TOKIO.block_on(async {
+        let victim = rt.create(create_req(&[])).await.unwrap();
+        let bystander = rt.create(create_req(&[])).await.unwrap();
+        // The template's limit is 512 MiB; ask for 2 GiB and touch it.
+        let client = rt.envd(&victim.id).unwrap();
+        let out = client
+            .run(
+                "python3 -c \"b = bytearray(2048 * 1024 * 1024); print('allocated', len(b))\"",
+                "user",
+                Duration::from_secs(60),
+            )
+            .await;
+        match out {
+            // The allocation failed or the process was killed inside the sandbox.
+            Ok(o) => {
+                assert_ne!(o.exit_code, 0, "2 GiB fit in a 512 MiB sandbox: {o:?}");
+                eprintln!("memory limit: the process failed inside the sandbox: {o:?}");
+            }
+            // gVisor's kernel is one host process: the memcg OOM killer may kill
+            // the whole sandbox, which must then be reported.
+            Err(_) => {
+                let mut state = None;
+                for _ in 0..100 {
+                    let info = rt.info(&victim.id).unwrap();
+                    if info.state == SandboxState::Exited {
+                        state = Some(info);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let info = state.expect("a sandbox that died must be reported as exited");
+                assert_eq!(info.exit_reason.as_deref(), Some("out of memory"));
+                eprintln!("memory limit: the sandbox was killed and reported: {info:?}");
+            }
+        }
+        // The host and the other sandbox are unharmed.
+        assert_eq!(run(rt, &bystander.id, "echo fine").await.stdout, "fine\n");
+        rt.kill_and_wait(&victim.id).await.unwrap();
+        rt.kill_and_wait(&bystander.id).await.unwrap();
+    });
+}
+
+#[test]
+fn root_restart_recovers_running_and_paused_sandboxes() {
+    // A node of its own, so that "restarting" it does not disturb the others.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = &*NODE;
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let dir = PathBuf::from(format!(
+        "/var/tmp/kiln-rt-test-{}-restart",
+        std::process::id()
+    ));
+    let config = || {
+        let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
+        cfg.network = NetworkConfig {
+            subnet: "10.218.0.0/16".parse().unwrap(),
+            table_name: "kiln_rt_restart".into(),
+            name_prefix: "krr".into(),
+            ..NetworkConfig::default()
+        };
+        cfg
+    };
+    TOKIO.block_on(async {
+        let first = Runtime::start(config()).unwrap();
+        first
+            .create_template(&TemplateMeta::new(TEMPLATE), base.as_ref(), envd.as_ref())
+            .unwrap();
+        first.snapshot_template(TEMPLATE).await.unwrap();
+        let running = first.create(create_req(&[])).await.unwrap().id;
+        let paused = first.create(create_req(&[])).await.unwrap().id;
+        run(&first, &running, "echo kept > ~/kept.txt").await;
+        run(&first, &paused, "echo kept-too > ~/kept.txt").await;
+        first.pause(&paused).await.unwrap();
+        // Leftovers of a crash: a half-made sandbox record with nothing behind it.
+        let ghost = dir.join("data/sandboxes/ghostghostghostghost");
+        std::fs::create_dir_all(&ghost).unwrap();
+        let mut record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                dir.join("data/sandboxes")
+                    .join(&running)
+                    .join("record.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        record["id"] = "ghostghostghostghost".into();
+        record["state"] = "creating".into();
+        std::fs::write(ghost.join("record.json"), record.to_string()).unwrap();
+
+        // The server process restarts: a new runtime over the same directories.
+        drop(first);
+        let second = Runtime::start(config()).unwrap();
+        let states: std::collections::HashMap<String, SandboxState> =
+            second.list().into_iter().map(|s| (s.id, s.state)).collect();
+        assert_eq!(states.get(&running), Some(&SandboxState::Running));
+        assert_eq!(states.get(&paused), Some(&SandboxState::Paused));
+        assert!(!states.contains_key("ghostghostghostghost"));
+        assert!(!ghost.exists());
+        assert_eq!(
+            run(&second, &running, "cat ~/kept.txt").await.stdout,
+            "kept\n"
+        );
+        second.resume(&paused).await.unwrap();
+        assert_eq!(
+            run(&second, &paused, "cat ~/kept.txt").await.stdout,
+            "kept-too\n"
+        );
+        second.kill_and_wait(&running).await.unwrap();
+        second.kill_and_wait(&paused).await.unwrap();
+        second.shutdown_network().unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }

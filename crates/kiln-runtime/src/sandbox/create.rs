@@ -17,6 +17,8 @@ use crate::template::TemplateMeta;
 /// A container that is up and whose envd answers.
 pub(crate) struct Booted {
     pub(crate) slot: Slot,
+    /// Host pid of `runsc-sandbox`.
+    pub(crate) pid: Option<u32>,
     pub(crate) client: EnvdClient,
     pub(crate) log: PathBuf,
 }
@@ -81,7 +83,19 @@ pub(crate) async fn boot(
         crate::sandbox::destroy::teardown_container(rt, cid, Some(slot.index));
         return Err(e);
     }
-    Ok(Booted { slot, client, log })
+    let pid = {
+        let (rt, cid) = (rt.clone(), cid.to_string());
+        tokio::task::spawn_blocking(move || rt.runsc.pid(&cid))
+            .await
+            .ok()
+            .flatten()
+    };
+    Ok(Booted {
+        slot,
+        pid,
+        client,
+        log,
+    })
 }
 
 impl Runtime {
@@ -115,6 +129,8 @@ impl Runtime {
             egress: req.egress.clone(),
             slot: None,
             started_at: SystemTime::now(),
+            pid: None,
+            exit_reason: None,
         };
         let entry = Arc::new(Entry {
             record: Mutex::new(record),
@@ -150,14 +166,15 @@ impl Runtime {
             {
                 client.start_background(cmd, &meta.user, "start").await?;
             }
-            Ok(booted.slot)
+            Ok((booted.slot, booted.pid))
         }
         .await;
         match result {
-            Ok(slot) => {
+            Ok((slot, pid)) => {
                 let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
                 record.state = SandboxState::Running;
                 record.slot = Some(slot);
+                record.pid = pid;
                 save_record(&self.sandbox_data_dir(&id), &record)?;
                 tracing::info!("sandbox running");
                 Ok(info_of(&record))

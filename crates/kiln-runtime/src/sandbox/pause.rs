@@ -58,6 +58,7 @@ impl Runtime {
             let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
             record.state = SandboxState::Paused;
             record.slot = None;
+            record.pid = None;
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
         // The checkpointed container has stopped; deleting it is quick.
@@ -133,6 +134,7 @@ impl Runtime {
             let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
             record.state = SandboxState::Running;
             record.slot = Some(booted.slot);
+            record.pid = booted.pid;
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
         // Restore is eager: the image is not needed any more.

@@ -49,6 +49,7 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
         let dir = rt.sandbox_data_dir(&record.id);
         let snapshot_ok = dir.join("snapshot/complete").exists();
         if is_live(&rt.runsc, &record) {
+            record.pid = rt.runsc.pid(&record.id);
             tracing::info!(sandbox = %record.id, "adopted running sandbox");
         } else if snapshot_ok && record.state != SandboxState::Running {
             record.state = SandboxState::Paused;
