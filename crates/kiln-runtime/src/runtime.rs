@@ -75,6 +75,11 @@ pub struct CreateRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
     pub id: String,
+    /// The runsc container (and cgroup) behind the sandbox: a sandbox taken
+    /// from a warm pool keeps the container id it was restored under. Empty
+    /// in records written before pools existed, meaning the sandbox id.
+    #[serde(default)]
+    pub container_id: String,
     pub template_id: String,
     pub state: SandboxState,
     pub resources: Resources,
@@ -83,6 +88,17 @@ pub struct SandboxRecord {
     pub egress: EgressPolicy,
     pub slot: Option<Slot>,
     pub started_at: SystemTime,
+}
+
+impl SandboxRecord {
+    /// The container id every runsc and cgroup call must use.
+    pub fn cid(&self) -> &str {
+        if self.container_id.is_empty() {
+            &self.id
+        } else {
+            &self.container_id
+        }
+    }
 }
 
 /// What callers see of a sandbox.
@@ -110,6 +126,8 @@ pub struct Runtime {
     pub(crate) runsc: Runsc,
     pub(crate) net: Arc<NetworkManager>,
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Warm pools per template ([`crate::sandbox::pool`]).
+    pub(crate) pools: crate::sandbox::pool::Pools,
 }
 
 impl Runtime {
@@ -137,6 +155,7 @@ impl Runtime {
             runsc,
             net,
             sandboxes: Mutex::new(HashMap::new()),
+            pools: Default::default(),
         });
         crate::sandbox::recover::recover(&runtime, records);
         Ok(runtime)

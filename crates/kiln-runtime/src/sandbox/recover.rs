@@ -27,7 +27,7 @@ pub(crate) fn load_records(data_dir: &Path) -> Vec<SandboxRecord> {
 fn is_live(runsc: &Runsc, r: &SandboxRecord) -> bool {
     r.state == SandboxState::Running
         && r.slot.is_some()
-        && runsc.state(&r.id) == ContainerStatus::Running
+        && runsc.state(r.cid()) == ContainerStatus::Running
 }
 
 pub(crate) fn adopt_network(
@@ -57,7 +57,7 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
             tracing::info!(sandbox = %record.id, "recovered paused sandbox");
         } else {
             tracing::warn!(sandbox = %record.id, state = %record.state, "removing sandbox lost in a crash");
-            crate::sandbox::destroy::teardown_blocking(rt, &record.id, None);
+            crate::sandbox::destroy::teardown_blocking(rt, record.cid(), None);
             let _ = std::fs::remove_dir_all(&dir);
             continue;
         }
@@ -69,9 +69,20 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
             }),
         );
     }
-    // Containers nobody owns any more (e.g. a template build interrupted).
+    // Containers nobody owns any more (e.g. a template build interrupted, or
+    // a warm pool's sandboxes: pools start empty).
+    let owned: std::collections::HashSet<String> = kept
+        .values()
+        .map(|e| {
+            e.record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .cid()
+                .to_string()
+        })
+        .collect();
     for cid in rt.runsc.list() {
-        if !kept.contains_key(&cid) {
+        if !owned.contains(&cid) {
             tracing::warn!(container = %cid, "deleting orphaned container");
             crate::sandbox::destroy::teardown_blocking(rt, &cid, None);
         }
