@@ -30,6 +30,9 @@ use crate::runtime::{Runtime, new_sandbox_id};
 const STALE_CHECK: Duration = Duration::from_secs(1);
 /// Longest wait between failed refills.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Refills wait this long after any create, so a sandbox just handed out
+/// gets the CPU for its first commands rather than competing with a restore.
+const REFILL_DELAY: Duration = Duration::from_millis(500);
 /// A pooled sandbox whose envd does not take `/init` by then is discarded.
 const INIT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -38,6 +41,8 @@ pub(crate) struct Pools {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     /// One refill restore at a time, node-wide.
     refill: Arc<Semaphore>,
+    /// No refill starts before this (see [`REFILL_DELAY`]).
+    quiet_until: Arc<Mutex<Instant>>,
 }
 
 impl Default for Pools {
@@ -45,6 +50,7 @@ impl Default for Pools {
         Self {
             pools: Mutex::new(HashMap::new()),
             refill: Arc::new(Semaphore::new(1)),
+            quiet_until: Arc::new(Mutex::new(Instant::now())),
         }
     }
 }
@@ -52,6 +58,11 @@ impl Default for Pools {
 impl Pools {
     fn get(&self, template_id: &str) -> Option<Arc<Pool>> {
         lock(&self.pools).get(template_id).cloned()
+    }
+
+    fn defer_refills(&self) {
+        let mut until = lock(&self.quiet_until);
+        *until = (*until).max(Instant::now() + REFILL_DELAY);
     }
 }
 
@@ -155,6 +166,7 @@ impl Runtime {
                 Arc::downgrade(self),
                 pool.clone(),
                 self.pools.refill.clone(),
+                self.pools.quiet_until.clone(),
             ));
         } else {
             pool.wake.notify_one();
@@ -199,6 +211,7 @@ pub(crate) async fn hand_out(
     init: &InitRequest,
     egress: &EgressPolicy,
 ) -> Option<(String, Slot)> {
+    rt.pools.defer_refills();
     let pool = rt.pools.get(template_id)?;
     let current = snapshot_id(rt, template_id);
     let (taken, stale) = {
@@ -327,7 +340,12 @@ async fn discard_all(rt: &Arc<Runtime>, pooled: Vec<Pooled>) {
 }
 
 /// Keeps one pool at its size until the size becomes 0 (or the runtime goes).
-async fn refill_loop(rt: Weak<Runtime>, pool: Arc<Pool>, permits: Arc<Semaphore>) {
+async fn refill_loop(
+    rt: Weak<Runtime>,
+    pool: Arc<Pool>,
+    permits: Arc<Semaphore>,
+    quiet_until: Arc<Mutex<Instant>>,
+) {
     let template_id = pool.template_id.clone();
     let mut backoff = Duration::ZERO;
     let mut next_try = Instant::now();
@@ -372,6 +390,16 @@ async fn refill_loop(rt: Weak<Runtime>, pool: Arc<Pool>, permits: Arc<Semaphore>
         let Ok(permit) = permits.acquire().await else {
             break;
         };
+        loop {
+            let until = *lock(&quiet_until);
+            if until <= Instant::now() {
+                break;
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+        if lock(&pool.state).target == 0 {
+            continue;
+        }
         let result = restore_one(&rt, &template_id).await;
         drop(permit);
         match result {
