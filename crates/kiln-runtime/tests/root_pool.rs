@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,10 +58,30 @@ static NODE: LazyLock<Node> = LazyLock::new(|| {
 
 /// One test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+/// Tests in this file; the last one to finish cleans the node up.
+const TESTS: usize = 3;
+static FINISHED: AtomicUsize = AtomicUsize::new(0);
 
-fn node() -> (&'static Node, std::sync::MutexGuard<'static, ()>) {
+/// Held by a running test: serialises tests, and after the last one removes
+/// the node's firewall table and directory (unless containers were left
+/// behind by a failure: those stay for inspection).
+struct Turn {
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if FINISHED.fetch_add(1, Ordering::SeqCst) + 1 == TESTS && containers(&NODE.dir).is_empty()
+        {
+            let _ = NODE.rt.shutdown_network();
+            let _ = std::fs::remove_dir_all(&NODE.dir);
+        }
+    }
+}
+
+fn node() -> (&'static Node, Turn) {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    (&NODE, guard)
+    (&NODE, Turn { _serial: guard })
 }
 
 async fn run(rt: &Arc<Runtime>, id: &str, cmd: &str) -> kiln_runtime::envd::CommandOutput {

@@ -172,9 +172,12 @@ impl Runtime {
             pool.wake.notify_one();
         }
         if n == 0 {
-            // The refill task discards what it holds or restores, then stops.
+            // The refill task discards what it holds or restores, then stops;
+            // unless a concurrent call sized the pool up again.
             let mut idle = pool.idle.subscribe();
-            let _ = idle.wait_for(|idle| *idle).await;
+            while !*idle.borrow_and_update() && lock(&pool.state).target == 0 {
+                let _ = tokio::time::timeout(Duration::from_millis(100), idle.changed()).await;
+            }
         }
         Ok(())
     }
