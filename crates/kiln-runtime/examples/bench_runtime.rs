@@ -1,6 +1,8 @@
 //! Runtime benchmark: template snapshot, create latency (sequential and
-//! concurrent), pause/resume, and idle memory per sandbox.
+//! concurrent), pause/resume, idle memory per sandbox, and creates served by
+//! a warm pool (sequential, and 20 at once from a full pool of 20).
 //! Run as root through `bench/runtime.sh`, which builds envd and the base rootfs.
+//! `BENCH_ONLY=pool` runs only the warm pool figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +44,85 @@ async fn create_and_first_command(rt: &Arc<Runtime>) -> (String, Duration) {
         .expect("first command");
     assert_eq!(out.exit_code, 0);
     (info.id, t.elapsed())
+}
+
+/// A create served by the warm pool: (id, create alone, create → first command).
+async fn pooled_create(rt: &Arc<Runtime>) -> (String, Duration, Duration) {
+    let t = Instant::now();
+    let info = rt
+        .create(CreateRequest {
+            template_id: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let created = t.elapsed();
+    let out = rt
+        .envd(&info.id)
+        .unwrap()
+        .run("true", "user", Duration::from_secs(30))
+        .await
+        .expect("first command");
+    assert_eq!(out.exit_code, 0);
+    (info.id, created, t.elapsed())
+}
+
+/// Waits until the bench template's pool holds `n` sandboxes.
+async fn pool_filled(rt: &Arc<Runtime>, n: usize) -> Duration {
+    let t = Instant::now();
+    while rt.pool_status("bench").ready.len() < n {
+        assert!(t.elapsed() < Duration::from_secs(600), "pool never filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.elapsed()
+}
+
+/// Creates served by the warm pool.
+async fn bench_pool(rt: &Arc<Runtime>, n: usize) {
+    // Warm pool, one create at a time: each waits for the pool to refill.
+    rt.set_pool_size("bench", 1).await.expect("pool size 1");
+    let (mut created, mut first) = (Vec::new(), Vec::new());
+    let mut from_pool = 0;
+    for _ in 0..n {
+        pool_filled(rt, 1).await;
+        let (id, c, f) = pooled_create(rt).await;
+        from_pool += usize::from(rt.container_id(&id).unwrap() != id);
+        created.push(c);
+        first.push(f);
+        rt.kill_and_wait(&id).await.unwrap();
+    }
+    summary("pooled create (thaw + /init), concurrency 1", created);
+    summary("pooled create → first command, concurrency 1", first);
+    println!("{:<44} {from_pool} of {n}", "  served by the pool");
+
+    // Warm pool of 20, 20 creates at once once it is full.
+    rt.set_pool_size("bench", 20).await.expect("pool size 20");
+    let fill = pool_filled(rt, 20).await;
+    println!("{:<44} {:.1} s", "pool of 20 filled in", fill.as_secs_f64());
+    let t = Instant::now();
+    let all = futures::future::join_all((0..20).map(|_| pooled_create(rt))).await;
+    let wall = t.elapsed();
+    let from_pool = all
+        .iter()
+        .filter(|(id, _, _)| rt.container_id(id).unwrap() != *id)
+        .count();
+    summary(
+        "pooled create (thaw + /init), concurrency 20",
+        all.iter().map(|a| a.1).collect(),
+    );
+    summary(
+        "pooled create → first command, concurrency 20",
+        all.iter().map(|a| a.2).collect(),
+    );
+    println!(
+        "{:<44} {:.1} ms for 20, {from_pool} served by the pool",
+        "  wall time",
+        wall.as_secs_f64() * 1e3
+    );
+    rt.set_pool_size("bench", 0).await.expect("pool size 0");
+    for done in futures::future::join_all(all.iter().map(|(id, _, _)| rt.kill_and_wait(id))).await {
+        done.unwrap();
+    }
 }
 
 /// memory.usage_in_bytes of a sandbox's cgroup (v1), or memory.current (v2).
@@ -87,6 +168,10 @@ fn main() {
             snaps.push(rt.snapshot_template("bench").await.expect("snapshot"));
         }
         summary("template snapshot (cold boot + checkpoint)", snaps);
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("pool") {
+            bench_pool(&rt, n).await;
+            return;
+        }
 
         let mut seq = Vec::new();
         for _ in 0..n {
@@ -146,6 +231,8 @@ fn main() {
         for id in &ids {
             rt.kill_and_wait(id).await.unwrap();
         }
+
+        bench_pool(&rt, n).await;
     });
     let _ = rt.shutdown_network();
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,8 +5,11 @@
 //!   [`sandbox::create`], paused and resumed in [`sandbox::pause`], destroyed in
 //!   [`sandbox::destroy`];
 //! - a template's snapshot is made in [`template::snapshot_template`];
-//! - gVisor is driven through [`runsc`], networking through [`network`].
+//! - gVisor is driven through [`runsc`], networking through [`network`];
+//! - warm pools of frozen, restored sandboxes live in [`sandbox::pool`], the
+//!   freezer and usage figures in [`cgroup`].
 
+pub mod cgroup;
 pub mod envd;
 pub mod network;
 pub mod runsc;
@@ -15,7 +18,9 @@ pub mod sandbox;
 pub mod spec;
 pub mod template;
 
+pub use cgroup::SandboxStats;
 pub use runtime::{CreateRequest, Runtime, RuntimeConfig, SandboxInfo, SandboxState};
+pub use sandbox::pool::PoolStatus;
 pub use spec::Resources;
 
 /// Errors of the runtime.
@@ -30,6 +35,8 @@ pub enum Error {
     Runsc { what: String, detail: String },
     #[error("network: {0}")]
     Network(#[from] network::NetworkError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
     #[error("envd: {0}")]
     Envd(String),
     #[error("template '{0}' not found")]

@@ -77,6 +77,11 @@ pub struct CreateRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
     pub id: String,
+    /// The runsc container (and cgroup) behind the sandbox: a sandbox taken
+    /// from a warm pool keeps the container id it was restored under. Empty
+    /// in records written before pools existed, meaning the sandbox id.
+    #[serde(default)]
+    pub container_id: String,
     pub template_id: String,
     pub state: SandboxState,
     pub resources: Resources,
@@ -91,6 +96,17 @@ pub struct SandboxRecord {
     /// Why an exited sandbox stopped.
     #[serde(default)]
     pub exit_reason: Option<String>,
+}
+
+impl SandboxRecord {
+    /// The container id every runsc and cgroup call must use.
+    pub fn cid(&self) -> &str {
+        if self.container_id.is_empty() {
+            &self.id
+        } else {
+            &self.container_id
+        }
+    }
 }
 
 /// What callers see of a sandbox.
@@ -120,6 +136,8 @@ pub struct Runtime {
     pub(crate) runsc: Runsc,
     pub(crate) net: Arc<NetworkManager>,
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Warm pools per template ([`crate::sandbox::pool`]).
+    pub(crate) pools: crate::sandbox::pool::Pools,
 }
 
 impl Runtime {
@@ -147,6 +165,7 @@ impl Runtime {
             runsc,
             net,
             sandboxes: Mutex::new(HashMap::new()),
+            pools: Default::default(),
         });
         crate::sandbox::recover::recover(&runtime, records);
         Ok(runtime)
@@ -202,7 +221,7 @@ impl Runtime {
         let dead = record.state == SandboxState::Running
             && record.pid.is_some_and(|pid| !process_alive(pid));
         if dead {
-            let oom = oom_killed(&record.id);
+            let oom = oom_killed(record.cid());
             record.exit_reason = Some(
                 if oom {
                     "out of memory"
@@ -215,8 +234,8 @@ impl Runtime {
             tracing::warn!(sandbox = %record.id, reason = ?record.exit_reason, "sandbox exited on its own");
             let slot = record.slot.take().map(|s| s.index);
             let _ = save_record(&self.sandbox_data_dir(&record.id), &record);
-            let (cid, runsc) = (record.id.clone(), self.runsc.clone());
-            let (net, run_dir) = (self.net.clone(), self.sandbox_run_dir(&record.id));
+            let (cid, runsc) = (record.cid().to_string(), self.runsc.clone());
+            let (net, run_dir) = (self.net.clone(), self.sandbox_run_dir(record.cid()));
             std::thread::spawn(move || {
                 let _ = runsc.delete(&cid, &run_dir.join("runsc.log"));
                 if let Some(index) = slot {

@@ -121,6 +121,7 @@ impl Runtime {
         let _enter = span.enter();
         let record = SandboxRecord {
             id: id.clone(),
+            container_id: id.clone(),
             template_id: meta.id.clone(),
             state: SandboxState::Creating,
             resources: meta.resources,
@@ -145,19 +146,27 @@ impl Runtime {
         }
         let _op = entry.op.lock().await;
         let rootfs = self.template_rootfs(&meta.id);
+        let make_init = || InitRequest {
+            env_vars: req.env_vars.clone(),
+            access_token: req.access_token.clone(),
+            default_user: Some(meta.user.clone()),
+            default_workdir: meta.workdir.clone(),
+            timestamp: Some(now_rfc3339()),
+            entropy: Some(fresh_entropy()),
+            hostname: Some(format!("kiln-{}", &id[..8])),
+        };
         let result = async {
+            // A warm pool's sandbox, if there is one, else a restore.
+            if !req.cold
+                && let Some(taken) =
+                    crate::sandbox::pool::hand_out(self, &meta.id, &id, &make_init(), &req.egress)
+                        .await
+            {
+                return Ok(taken);
+            }
             let booted = boot(self, &id, &meta, &rootfs, image.as_deref(), &req.egress).await?;
             let mut client = booted.client.clone();
-            let init = InitRequest {
-                env_vars: req.env_vars.clone(),
-                access_token: req.access_token.clone(),
-                default_user: Some(meta.user.clone()),
-                default_workdir: meta.workdir.clone(),
-                timestamp: Some(now_rfc3339()),
-                entropy: Some(fresh_entropy()),
-                hostname: Some(format!("kiln-{}", &id[..8])),
-            };
-            if let Err(e) = client.init(&init).await {
+            if let Err(e) = client.init(&make_init()).await {
                 crate::sandbox::destroy::teardown_container(self, &id, Some(booted.slot.index));
                 return Err(e);
             }
@@ -166,13 +175,14 @@ impl Runtime {
             {
                 client.start_background(cmd, &meta.user, "start").await?;
             }
-            Ok((booted.slot, booted.pid))
+            Ok((id.clone(), booted.slot, booted.pid))
         }
         .await;
         match result {
-            Ok((slot, pid)) => {
+            Ok((cid, slot, pid)) => {
                 let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
                 record.state = SandboxState::Running;
+                record.container_id = cid;
                 record.slot = Some(slot);
                 record.pid = pid;
                 save_record(&self.sandbox_data_dir(&id), &record)?;

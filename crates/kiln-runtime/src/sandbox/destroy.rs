@@ -12,6 +12,8 @@ use crate::runtime::{Runtime, SandboxState};
 pub(crate) fn teardown_blocking(rt: &Runtime, cid: &str, slot: Option<u32>) {
     let run_dir = rt.sandbox_run_dir(cid);
     let log = run_dir.join("runsc.log");
+    // A frozen sandbox (warm pool) would ignore the SIGKILL of `runsc delete`.
+    crate::cgroup::ensure_thawed(cid);
     if rt.runsc.state(cid) != crate::runsc::ContainerStatus::Missing
         && let Err(e) = rt.runsc.delete(cid, &log)
     {
@@ -58,13 +60,16 @@ impl Runtime {
     async fn kill_inner(self: &Arc<Self>, id: &str) -> Result<std::thread::JoinHandle<()>, Error> {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
-        let slot = {
+        let (slot, cid) = {
             let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
             if record.state == SandboxState::Killed {
                 return Err(Error::SandboxNotFound(id.to_string()));
             }
             record.state = SandboxState::Killed;
-            record.slot.take().map(|s| s.index)
+            (
+                record.slot.take().map(|s| s.index),
+                record.cid().to_string(),
+            )
         };
         self.sandboxes
             .lock()
@@ -73,6 +78,6 @@ impl Runtime {
         // The record goes first: a crash now must not resurrect the sandbox.
         let _ = std::fs::remove_dir_all(self.sandbox_data_dir(id));
         tracing::info!(sandbox = %id, "sandbox killed");
-        Ok(teardown_in_background(self, id, slot))
+        Ok(teardown_in_background(self, &cid, slot))
     }
 }

@@ -3,4 +3,5 @@
 pub mod create;
 pub mod destroy;
 pub mod pause;
+pub mod pool;
 pub mod recover;

@@ -15,7 +15,7 @@ impl Runtime {
         let started = Instant::now();
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
-        let slot = {
+        let (slot, cid) = {
             let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
             if record.state != SandboxState::Running {
                 return Err(Error::InvalidState {
@@ -25,7 +25,7 @@ impl Runtime {
                 });
             }
             record.state = SandboxState::Pausing;
-            record.slot.clone()
+            (record.slot.clone(), record.cid().to_string())
         };
         let span = tracing::info_span!("pause", sandbox = %id);
         let _enter = span.enter();
@@ -36,8 +36,8 @@ impl Runtime {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating snapshot dir", e));
         let result = match result {
             Ok(()) => {
-                let (rt, cid, tmp2) = (self.clone(), id.to_string(), tmp.clone());
-                let log = self.sandbox_run_dir(id).join("runsc.log");
+                let (rt, cid, tmp2) = (self.clone(), cid.clone(), tmp.clone());
+                let log = self.sandbox_run_dir(&cid).join("runsc.log");
                 tokio::task::spawn_blocking(move || rt.runsc.checkpoint(&cid, &tmp2, &log))
                     .await
                     .map_err(|e| Error::io("checkpoint task", std::io::Error::other(e)))?
@@ -62,7 +62,7 @@ impl Runtime {
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
         // The checkpointed container has stopped; deleting it is quick.
-        let (rt, cid) = (self.clone(), id.to_string());
+        let rt = self.clone();
         let index = slot.map(|s| s.index);
         tokio::task::spawn_blocking(move || {
             crate::sandbox::destroy::teardown_blocking(&rt, &cid, index)
@@ -135,6 +135,8 @@ impl Runtime {
             record.state = SandboxState::Running;
             record.slot = Some(booted.slot);
             record.pid = booted.pid;
+            // Resumed under its own id, whatever container it came from.
+            record.container_id = id.to_string();
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
         // Restore is eager: the image is not needed any more.

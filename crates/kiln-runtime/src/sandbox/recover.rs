@@ -27,7 +27,7 @@ pub(crate) fn load_records(data_dir: &Path) -> Vec<SandboxRecord> {
 fn is_live(runsc: &Runsc, r: &SandboxRecord) -> bool {
     r.state == SandboxState::Running
         && r.slot.is_some()
-        && runsc.state(&r.id) == ContainerStatus::Running
+        && runsc.state(r.cid()) == ContainerStatus::Running
 }
 
 pub(crate) fn adopt_network(
@@ -49,7 +49,7 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
         let dir = rt.sandbox_data_dir(&record.id);
         let snapshot_ok = dir.join("snapshot/complete").exists();
         if is_live(&rt.runsc, &record) {
-            record.pid = rt.runsc.pid(&record.id);
+            record.pid = rt.runsc.pid(record.cid());
             tracing::info!(sandbox = %record.id, "adopted running sandbox");
         } else if snapshot_ok && record.state != SandboxState::Running {
             record.state = SandboxState::Paused;
@@ -58,7 +58,7 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
             tracing::info!(sandbox = %record.id, "recovered paused sandbox");
         } else {
             tracing::warn!(sandbox = %record.id, state = %record.state, "removing sandbox lost in a crash");
-            crate::sandbox::destroy::teardown_blocking(rt, &record.id, None);
+            crate::sandbox::destroy::teardown_blocking(rt, record.cid(), None);
             let _ = std::fs::remove_dir_all(&dir);
             continue;
         }
@@ -70,9 +70,20 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
             }),
         );
     }
-    // Containers nobody owns any more (e.g. a template build interrupted).
+    // Containers nobody owns any more (e.g. a template build interrupted, or
+    // a warm pool's sandboxes: pools start empty).
+    let owned: std::collections::HashSet<String> = kept
+        .values()
+        .map(|e| {
+            e.record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .cid()
+                .to_string()
+        })
+        .collect();
     for cid in rt.runsc.list() {
-        if !kept.contains_key(&cid) {
+        if !owned.contains(&cid) {
             tracing::warn!(container = %cid, "deleting orphaned container");
             crate::sandbox::destroy::teardown_blocking(rt, &cid, None);
         }
