@@ -160,7 +160,10 @@ fn main() {
     };
     let tokio = tokio::runtime::Runtime::new().unwrap();
     let rt = Runtime::start(cfg).expect("runtime");
-    rt.create_template(&TemplateMeta::new("bench"), base.as_ref(), envd.as_ref())
+    // 1 GiB of memory, so that the 500 MiB pause/resume step fits.
+    let mut meta = TemplateMeta::new("bench");
+    meta.resources.memory_mb = 1024;
+    rt.create_template(&meta, base.as_ref(), envd.as_ref())
         .expect("template");
     tokio.block_on(async {
         let mut snaps = Vec::new();
