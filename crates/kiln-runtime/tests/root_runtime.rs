@@ -479,7 +479,10 @@ fn root_restart_recovers_running_and_paused_sandboxes() {
         )
         .unwrap();
         record["id"] = "ghostghostghostghost".into();
+        record["container_id"] = "ghostghostghostghost".into();
         record["state"] = "creating".into();
+        record["slot"] = serde_json::Value::Null;
+        record["pid"] = serde_json::Value::Null;
         std::fs::write(ghost.join("record.json"), record.to_string()).unwrap();
 
         // The server process restarts: a new runtime over the same directories.
