@@ -61,14 +61,11 @@ impl Runtime {
             record.pid = None;
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
-        // The checkpointed container has stopped; deleting it is quick.
         let rt = self.clone();
         let index = slot.map(|s| s.index);
-        tokio::task::spawn_blocking(move || {
-            crate::sandbox::destroy::teardown_blocking(&rt, &cid, index)
-        })
-        .await
-        .map_err(|e| Error::io("teardown task", std::io::Error::other(e)))?;
+        // Freed in the background: `runsc delete` can take seconds, and the
+        // resume uses a fresh container id, so nothing waits for it.
+        crate::sandbox::destroy::teardown_in_background(&rt, &cid, index);
         let took = started.elapsed();
         tracing::info!(?took, "sandbox paused");
         Ok(took)
@@ -112,9 +109,12 @@ impl Runtime {
             }));
         }
         let rootfs = self.template_rootfs(&template_id);
-        let booted = crate::sandbox::create::boot(self, id, &meta, &rootfs, Some(&image), &egress)
-            .await
-            .map_err(fail)?;
+        // A fresh container id: the paused one may still be being deleted.
+        let cid = crate::runtime::new_sandbox_id();
+        let booted =
+            crate::sandbox::create::boot(self, &cid, &meta, &rootfs, Some(&image), &egress)
+                .await
+                .map_err(fail)?;
         // The restored envd already holds the token; it must accompany /init.
         let mut client = crate::envd::EnvdClient::new(
             std::net::SocketAddr::new(booted.slot.sandbox_ip.into(), crate::envd::ENVD_PORT),
@@ -127,7 +127,7 @@ impl Runtime {
             ..Default::default()
         };
         if let Err(e) = client.init(&init).await {
-            crate::sandbox::destroy::teardown_container(self, id, Some(booted.slot.index));
+            crate::sandbox::destroy::teardown_container(self, &cid, Some(booted.slot.index));
             return Err(fail(e));
         }
         {
@@ -135,8 +135,7 @@ impl Runtime {
             record.state = SandboxState::Running;
             record.slot = Some(booted.slot);
             record.pid = booted.pid;
-            // Resumed under its own id, whatever container it came from.
-            record.container_id = id.to_string();
+            record.container_id = cid;
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
         // Restore is eager: the image is not needed any more.
