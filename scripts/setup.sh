@@ -7,7 +7,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require_root
 
-ADDR="${ENVD_ADDR:-0.0.0.0}"
+# Loopback by default: envd without an access token must not face a network.
+ADDR="${ENVD_ADDR:-127.0.0.1}"
 PORT="${ENVD_PORT:-49983}"
 
 ensure_base_tools
