@@ -2,7 +2,8 @@
 //! concurrent), pause/resume, idle memory per sandbox, and creates served by
 //! a warm pool (sequential, and 20 at once from a full pool of 20).
 //! Run as root through `bench/runtime.sh`, which builds envd and the base rootfs.
-//! `BENCH_ONLY=pool` runs only the warm pool figures.
+//! `BENCH_ONLY=pool` runs only the warm pool figures, `BENCH_ONLY=create` only
+//! the snapshot and sequential create figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -185,6 +186,9 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
         summary("create → first command, concurrency 1", seq);
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("create") {
+            return;
+        }
 
         let t = Instant::now();
         let all = futures::future::join_all((0..conc).map(|_| create_and_first_command(&rt))).await;
