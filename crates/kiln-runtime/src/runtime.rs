@@ -138,6 +138,46 @@ pub struct Runtime {
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     /// Warm pools per template ([`crate::sandbox::pool`]).
     pub(crate) pools: crate::sandbox::pool::Pools,
+    /// Teardowns still running in the background.
+    pub(crate) teardowns: Arc<Background>,
+}
+
+/// Counts background work so that it can be waited for.
+#[derive(Default)]
+pub(crate) struct Background {
+    running: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl Background {
+    /// Runs `work` on a new thread, counted until it returns (or panics).
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        work: impl FnOnce() + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        struct Done(Arc<Background>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+                *running -= 1;
+                self.0.idle.notify_all();
+            }
+        }
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let done = Done(self.clone());
+        std::thread::spawn(move || {
+            let _done = done;
+            work();
+        })
+    }
+
+    /// Blocks until no counted work is running.
+    pub(crate) fn wait(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        while *running > 0 {
+            running = self.idle.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl Runtime {
@@ -166,6 +206,7 @@ impl Runtime {
             net,
             sandboxes: Mutex::new(HashMap::new()),
             pools: Default::default(),
+            teardowns: Default::default(),
         });
         crate::sandbox::recover::recover(&runtime, records);
         Ok(runtime)
@@ -236,7 +277,7 @@ impl Runtime {
             let _ = save_record(&self.sandbox_data_dir(&record.id), &record);
             let (cid, runsc) = (record.cid().to_string(), self.runsc.clone());
             let (net, run_dir) = (self.net.clone(), self.sandbox_run_dir(record.cid()));
-            std::thread::spawn(move || {
+            self.teardowns.spawn(move || {
                 let _ = runsc.delete(&cid, &run_dir.join("runsc.log"));
                 if let Some(index) = slot {
                     let _ = net.release(index);
@@ -245,6 +286,12 @@ impl Runtime {
             });
         }
         info_of(&record)
+    }
+
+    /// Blocks until every teardown running in the background has finished
+    /// (before a clean shutdown, so nothing is left half-freed).
+    pub fn wait_for_teardowns(&self) {
+        self.teardowns.wait();
     }
 
     /// Removes every sandbox's network and the node's firewall table (tests, shutdown).

@@ -486,6 +486,10 @@ fn root_restart_recovers_running_and_paused_sandboxes() {
         std::fs::write(ghost.join("record.json"), record.to_string()).unwrap();
 
         // The server process restarts: a new runtime over the same directories.
+        // (A dead process's background teardowns die with it; here the old
+        // runtime lives on in this process, so let them finish first, or they
+        // would free network slots the new runtime hands out again.)
+        first.wait_for_teardowns();
         drop(first);
         let second = Runtime::start(config()).unwrap();
         let states: std::collections::HashMap<String, SandboxState> =

@@ -33,7 +33,8 @@ pub(crate) fn teardown_in_background(
     slot: Option<u32>,
 ) -> std::thread::JoinHandle<()> {
     let (rt, cid) = (rt.clone(), cid.to_string());
-    std::thread::spawn(move || teardown_blocking(&rt, &cid, slot))
+    let background = rt.teardowns.clone();
+    background.spawn(move || teardown_blocking(&rt, &cid, slot))
 }
 
 /// Tears a container down without waiting.
