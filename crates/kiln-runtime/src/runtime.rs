@@ -234,7 +234,7 @@ impl Runtime {
     }
 
     /// Every sandbox this node knows.
-    pub fn list(&self) -> Vec<SandboxInfo> {
+    pub fn list(self: &Arc<Self>) -> Vec<SandboxInfo> {
         let entries: Vec<Arc<Entry>> = self
             .sandboxes
             .lock()
@@ -248,7 +248,7 @@ impl Runtime {
             .collect()
     }
 
-    pub fn info(&self, id: &str) -> Result<SandboxInfo, Error> {
+    pub fn info(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, Error> {
         let entry = self.entry(id)?;
         Ok(self.refresh(&entry))
     }
@@ -257,12 +257,12 @@ impl Runtime {
     /// its own (its `runsc-sandbox` process is gone): it then becomes
     /// `Exited`, with "out of memory" as the reason when its memory cgroup
     /// recorded an OOM kill, and its container and network are freed.
-    pub(crate) fn refresh(&self, entry: &Entry) -> SandboxInfo {
+    pub(crate) fn refresh(self: &Arc<Self>, entry: &Entry) -> SandboxInfo {
         let mut record = entry.record.lock().unwrap_or_else(|e| e.into_inner());
         let dead = record.state == SandboxState::Running
             && record.pid.is_some_and(|pid| !process_alive(pid));
         if dead {
-            let oom = oom_killed(record.cid());
+            let oom = crate::cgroup::usage(record.cid()).is_ok_and(|u| u.oom_kills > 0);
             record.exit_reason = Some(
                 if oom {
                     "out of memory"
@@ -275,15 +275,7 @@ impl Runtime {
             tracing::warn!(sandbox = %record.id, reason = ?record.exit_reason, "sandbox exited on its own");
             let slot = record.slot.take().map(|s| s.index);
             let _ = save_record(&self.sandbox_data_dir(&record.id), &record);
-            let (cid, runsc) = (record.cid().to_string(), self.runsc.clone());
-            let (net, run_dir) = (self.net.clone(), self.sandbox_run_dir(record.cid()));
-            self.teardowns.spawn(move || {
-                let _ = runsc.delete(&cid, &run_dir.join("runsc.log"));
-                if let Some(index) = slot {
-                    let _ = net.release(index);
-                }
-                let _ = std::fs::remove_dir_all(&run_dir);
-            });
+            crate::sandbox::destroy::teardown_in_background(self, record.cid(), slot);
         }
         info_of(&record)
     }
@@ -325,28 +317,6 @@ fn process_alive(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
-}
-
-/// Whether the memory cgroup of container `id` recorded an OOM kill
-/// (cgroup v1 `memory.oom_control`, or v2 `memory.events`).
-fn oom_killed(id: &str) -> bool {
-    let count = |path: String, key: &str| -> u64 {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse().unwrap_or(0)))
-            })
-            .unwrap_or(0)
-    };
-    count(
-        format!("/sys/fs/cgroup/memory/kiln/{id}/memory.oom_control"),
-        "oom_kill ",
-    ) > 0
-        || count(
-            format!("/sys/fs/cgroup/kiln/{id}/memory.events"),
-            "oom_kill ",
-        ) > 0
 }
 
 /// Writes a record atomically (temp file + rename).

@@ -61,11 +61,10 @@ impl Runtime {
             record.pid = None;
             save_record(&self.sandbox_data_dir(id), &record)?;
         }
-        let rt = self.clone();
         let index = slot.map(|s| s.index);
         // Freed in the background: `runsc delete` can take seconds, and the
         // resume uses a fresh container id, so nothing waits for it.
-        crate::sandbox::destroy::teardown_in_background(&rt, &cid, index);
+        crate::sandbox::destroy::teardown_in_background(self, &cid, index);
         let took = started.elapsed();
         tracing::info!(?took, "sandbox paused");
         Ok(took)
