@@ -4,8 +4,6 @@
 use std::os::unix::fs::MetadataExt;
 
 use axum::http::HeaderMap;
-use base64::Engine;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{FilesQuery, HttpError};
@@ -13,24 +11,7 @@ use crate::auth::ACCESS_TOKEN_HEADER;
 use crate::state::EnvdState;
 use crate::users::User;
 
-/// E2B's URL signature: `"v1_" + base64_nopad(sha256("<path>:<op>:<user>:<token>[:<exp>]"))`.
-pub fn signature(
-    path: &str,
-    operation: &str,
-    username: &str,
-    token: &str,
-    expiration: Option<i64>,
-) -> String {
-    let mut text = format!("{path}:{operation}:{username}:{token}");
-    if let Some(exp) = expiration {
-        text.push_str(&format!(":{exp}"));
-    }
-    let digest = Sha256::digest(text.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
+pub use kiln_proto::signature::signature;
 
 /// Allows a `/files` request when no token is set, when `X-Access-Token`
 /// matches, or when the query carries a valid, unexpired signature for
