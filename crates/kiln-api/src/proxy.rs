@@ -245,7 +245,7 @@ async fn forward(app: &Arc<App>, id: &str, port: u16, mut req: Request) -> Respo
         Ok(r) => r,
         Err(e) if e.is_connect() => return port_closed(id, port),
         Err(e) => {
-            tracing::warn!(sandbox = %id, port, error = %e, "proxying failed");
+            tracing::warn!(sandbox = %id, port, error = ?e, "proxying failed");
             return json_response(
                 StatusCode::BAD_GATEWAY,
                 serde_json::json!({"sandboxId": id, "code": 502,

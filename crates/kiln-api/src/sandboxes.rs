@@ -275,7 +275,7 @@ async fn filtered(app: &App, team_id: &str, q: &ListQuery) -> Result<Vec<Sandbox
         if !metadata.iter().all(|(k, v)| row.metadata.get(k) == Some(v)) {
             continue;
         }
-        if started_after.is_some_and(|t| row.started_at <= t) {
+        if started_after.is_some_and(|t| row.started_at < t) {
             continue;
         }
         if let Some(t) = &q.template

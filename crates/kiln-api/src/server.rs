@@ -143,6 +143,8 @@ async fn prepare_base(app: &Arc<App>) -> Result<(), ApiError> {
     let recipe = std::fs::read(app.cfg.base_rootfs.join(".kiln-base-recipe")).unwrap_or_default();
     let mut stamp = crate::util::sha256_hex_bytes(&envd);
     stamp.push_str(&crate::util::sha256_hex_bytes(&recipe));
+    // The template holds the resolver address, which follows the subnet.
+    stamp.push_str(&app.runtime.config().network.subnet.to_string());
     let runtime_id = format!("base-{}", &crate::util::sha256_hex(&stamp)[..12]);
     let system = ensure_team(app, SYSTEM_TEAM).await?;
     let meta = TemplateMeta::new(runtime_id.clone());

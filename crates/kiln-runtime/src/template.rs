@@ -148,6 +148,12 @@ impl Runtime {
         let _ = std::fs::remove_file(&target);
         std::fs::copy(envd, &target)
             .map_err(|e| Error::io(format!("copying {}", envd.display()), e))?;
+        // The sandbox resolver is the node's DNS address, which depends on
+        // its subnet: write it rather than trust the image's.
+        let resolv = tmp.join("rootfs/etc/resolv.conf");
+        let _ = std::fs::remove_file(&resolv);
+        std::fs::write(&resolv, format!("nameserver {}\n", self.net.dns_address()))
+            .map_err(|e| Error::io("writing etc/resolv.conf", e))?;
         let text = serde_json::to_vec_pretty(meta)
             .map_err(|e| Error::io("encoding template", std::io::Error::other(e)))?;
         std::fs::write(tmp.join("template.json"), text)

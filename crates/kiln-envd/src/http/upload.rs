@@ -56,7 +56,12 @@ pub async fn upload(
 ) -> Response {
     let mut data = body.into_data_stream();
     match handle(&state, &headers, query, &mut data).await {
-        Ok(entries) => Json(entries).into_response(),
+        Ok(entries) => {
+            // A multipart parser stops at the closing boundary; reading to
+            // the end lets hyper keep the connection alive (a proxy pools it).
+            while let Some(Ok(_)) = data.next().await {}
+            Json(entries).into_response()
+        }
         Err(e) => {
             // Read the rest of the body so the client gets the status
             // instead of a connection reset mid-upload.
