@@ -13,6 +13,7 @@
 #           link; the second deletes a file (whiteout) and makes a directory
 #           opaque
 #   :zstd   the same image with zstd layers
+#   :docker the same image as a Docker v2 schema 2 manifest
 #   :multi  an OCI image index: linux/arm64 (a one-layer stand-in) + linux/amd64 (:gzip)
 #   :arm64-only  an OCI image index without a linux/amd64 entry
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,7 +25,7 @@ AUTH_USER=kiln
 AUTH_PASSWORD=kiln-secret
 REPO=kiln-test/busybox
 # Bump when the test images change so a running registry gets them again.
-IMAGES_VERSION=5
+IMAGES_VERSION=6
 
 # registry_answers ADDR: the registry's /v2/ answers (200 open, 401 with auth).
 registry_answers() {
@@ -211,6 +212,8 @@ push_images() {
     unshare -m sh -c 'mount -t tmpfs kiln-skopeo-cache /var/lib/containers/cache && exec "$@"' sh \
       skopeo copy -q --dest-tls-verify=false "${creds[@]}" --dest-compress-format zstd \
       "dir:$work/plain" "docker://$addr/$REPO:zstd" >&2
+    skopeo copy -q --dest-tls-verify=false "${creds[@]}" --format v2s2 \
+      "oci:$layout:base" "docker://$addr/$REPO:docker" >&2
     skopeo copy -q --all --dest-tls-verify=false "${creds[@]}" \
       "oci:$layout:multi" "docker://$addr/$REPO:multi" >&2
     skopeo copy -q --all --dest-tls-verify=false "${creds[@]}" \
@@ -225,7 +228,7 @@ print_images() {
   for addr in "$OPEN_ADDR" "$AUTH_ADDR"; do
     creds=()
     [[ "$addr" == "$AUTH_ADDR" ]] && creds=(-u "$AUTH_USER:$AUTH_PASSWORD")
-    for tag in gzip zstd multi arm64-only; do
+    for tag in gzip zstd docker multi arm64-only; do
       digest="$(curl -sfI "${creds[@]}" \
         -H 'Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json' \
         "http://$addr/v2/$REPO/manifests/$tag" | tr -d '\r' | awk -F': ' 'tolower($1)=="docker-content-digest"{print $2}')"

@@ -186,6 +186,16 @@ async fn root_pull_zstd_image() {
 }
 
 #[tokio::test]
+async fn root_pull_docker_schema2_image() {
+    // skopeo --format v2s2: Docker manifest, config and layer media types.
+    pull_and_check(
+        "docker",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn root_second_pull_uses_the_blob_cache() {
     let s = Scratch::new();
     let opts = s.opts();
