@@ -20,8 +20,10 @@
 //! applied (the puller uses a fresh temporary directory).
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -206,8 +208,28 @@ impl Applier<'_> {
         let rel = self.sanitize(&raw)?;
         self.stats.entries += 1;
         let kind = entry.header().entry_type();
+        match kind {
+            EntryType::Directory
+            | EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Symlink
+            | EntryType::Link
+            | EntryType::Fifo => {}
+            EntryType::Char | EntryType::Block => {
+                // Sandboxes get their devices from the runtime.
+                debug!(layer = self.layer, entry = %raw.display(), "skipping a device node");
+                self.stats.skipped_devices += 1;
+                return Ok(());
+            }
+            other => {
+                // PAX global headers and the like: nothing to create.
+                debug!(layer = self.layer, entry = %raw.display(), kind = ?other, "skipping an entry of an unhandled type");
+                return Ok(());
+            }
+        }
 
-        let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        let Some(name) = rel.file_name().map(OsStr::to_os_string) else {
             // The root itself ("./"): only its metadata can change.
             if kind == EntryType::Directory {
                 return self.set_metadata(&raw, self.root, entry.header(), false);
@@ -216,14 +238,16 @@ impl Applier<'_> {
         };
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
 
-        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+        // Names are bytes: a non-UTF-8 name must come out unchanged.
+        if let Some(hidden) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
             self.stats.whiteouts += 1;
-            return self.whiteout(&raw, &parent_rel, &name, hidden);
+            let hidden = OsStr::from_bytes(hidden).to_os_string();
+            return self.whiteout(&raw, &parent_rel, &name, &hidden);
         }
 
         let parent = self
             .dir(&raw, &parent_rel, true)?
-            .expect("dir() with create returns a directory");
+            .ok_or_else(|| self.unsafe_entry(&raw, "its parent is not a directory"))?;
         let path = parent.join(&name);
         let existing = match fs::symlink_metadata(&path) {
             Ok(m) => Some(m),
@@ -321,16 +345,7 @@ impl Applier<'_> {
                     .map_err(|e| self.io_err(&raw, "mkfifo", io::Error::from(e)))?;
                 self.set_metadata(&raw, &path, &header, false)?;
             }
-            EntryType::Char | EntryType::Block => {
-                // Sandboxes get their devices from the runtime.
-                debug!(layer = self.layer, entry = %raw.display(), "skipping a device node");
-                self.stats.skipped_devices += 1;
-                return Ok(());
-            }
-            other => {
-                debug!(layer = self.layer, entry = %raw.display(), kind = ?other, "skipping an entry of an unhandled type");
-                return Ok(());
-            }
+            _ => unreachable!("entry types are filtered above"),
         }
         self.mark_written(&rel);
         Ok(())
@@ -353,8 +368,8 @@ impl Applier<'_> {
         &mut self,
         raw: &Path,
         parent_rel: &Path,
-        name: &str,
-        hidden: &str,
+        name: &OsStr,
+        hidden: &OsStr,
     ) -> Result<(), OciError> {
         let Some(parent) = self.dir(raw, parent_rel, false)? else {
             return Ok(()); // Nothing below to hide.
@@ -362,12 +377,13 @@ impl Applier<'_> {
         if name == OPAQUE_MARKER {
             return self.clear_lower(raw, &parent, parent_rel);
         }
-        if hidden.starts_with(WHITEOUT_PREFIX) {
+        if hidden.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
             // Other `.wh..wh.*` names are AUFS bookkeeping, not content.
             debug!(layer = self.layer, entry = %raw.display(), "skipping AUFS metadata");
             return Ok(());
         }
-        if hidden.is_empty() || hidden == "." || hidden == ".." {
+        if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.as_bytes().contains(&b'/')
+        {
             return Err(self.unsafe_entry(raw, "whiteout of an invalid name"));
         }
         remove_any(&parent.join(hidden)).map_err(|e| self.io_err(raw, "applying the whiteout", e))

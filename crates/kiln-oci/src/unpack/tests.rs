@@ -148,11 +148,16 @@ fn files_dirs_links_owners_and_modes() {
             .file_owned("usr/bin/setuid", "x", 0o4755, 0, 0)
             .dir("tmp/", 0o1777)
             .link("dev/null", EntryType::Char, "")
+            .link("devices/sda", EntryType::Block, "")
             .link("run/fifo", EntryType::Fifo, ""),
     )
     .unwrap();
-    assert_eq!(stats.skipped_devices, 1);
+    assert_eq!(stats.skipped_devices, 2);
     assert!(!exists(&f.root.join("dev/null")));
+    assert!(
+        !exists(&f.root.join("devices")),
+        "no parents made for a skipped entry"
+    );
     assert!(
         fs::symlink_metadata(f.root.join("run/fifo"))
             .unwrap()
@@ -504,4 +509,22 @@ fn blank_owner_fields_mean_root() {
     if nix::unistd::geteuid().is_root() {
         assert_eq!((m.uid(), m.gid()), (0, 0));
     }
+}
+
+#[test]
+fn non_utf8_names_are_kept_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = fixture();
+    let mut h = Layer::header("", EntryType::Regular, 0o644, 2);
+    let name = b"caf\xe9";
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    apply(&f.root, Layer::new().push(h, b"ok")).unwrap();
+    let path = f.root.join(std::ffi::OsStr::from_bytes(name));
+    assert_eq!(fs::read(&path).unwrap(), b"ok");
+    // And a whiteout of it removes it.
+    let mut h = Layer::header("", EntryType::Regular, 0o644, 0);
+    let wh = b".wh.caf\xe9";
+    h.as_old_mut().name[..wh.len()].copy_from_slice(wh);
+    apply(&f.root, Layer::new().push(h, b"")).unwrap();
+    assert!(!exists(&path));
 }
