@@ -16,8 +16,12 @@ OUT_DIR="$KILN_ROOT/target/kiln-test"
 mkdir -p "$OUT_DIR"
 ENVD_LOG="$OUT_DIR/envd.log"
 ENVD_PID=""
+REGISTRY_STARTED=""
 
 cleanup() {
+  if [[ -n "$REGISTRY_STARTED" ]]; then
+    bash "$KILN_ROOT/scripts/test-registry.sh" stop || true
+  fi
   if [[ -n "$ENVD_PID" ]] && kill -0 "$ENVD_PID" 2>/dev/null; then
     kill -TERM "$ENVD_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$ENVD_PID" 2>/dev/null || break; sleep 0.1; done
@@ -65,6 +69,11 @@ bash "$KILN_ROOT/scripts/build-base-rootfs.sh" "$BASE_ROOTFS" >&2
 log "static envd"
 KILN_TEST_ENVD="$(bash "$KILN_ROOT/scripts/build-envd.sh")"
 export KILN_TEST_ENVD KILN_TEST_BASE_ROOTFS="$BASE_ROOTFS"
+
+# kiln-oci's tests pull from local registries (an open one and one with auth).
+REGISTRY_STARTED=1
+bash "$KILN_ROOT/scripts/test-registry.sh" start
+export KILN_TEST_REGISTRY=127.0.0.1:5000 KILN_TEST_AUTH_REGISTRY=127.0.0.1:5001
 
 # --- 1. Rust tests -----------------------------------------------------------
 if [[ "${KILN_SKIP_CARGO_TESTS:-0}" != 1 ]]; then
