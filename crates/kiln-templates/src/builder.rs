@@ -48,6 +48,9 @@ struct State {
 }
 
 type LogFn<'a> = &'a (dyn Fn(BuildLog) + Send + Sync);
+/// Build sandboxes being deleted in the background; a build returns only
+/// once they are gone.
+type Pending = Mutex<Vec<tokio::task::JoinHandle<()>>>;
 
 fn emit(log: LogFn<'_>, level: LogLevel, step: Option<&str>, message: impl Into<String>) {
     let message = message.into();
@@ -176,7 +179,12 @@ impl Builder {
         log: &(dyn Fn(BuildLog) + Send + Sync),
     ) -> Result<BuildOutcome, BuildError> {
         let started = Instant::now();
-        let result = self.build_inner(&spec, log, started).await;
+        let pending = Pending::default();
+        let result = self.build_inner(&spec, log, started, &pending).await;
+        let handles = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for handle in handles {
+            let _ = handle.await;
+        }
         match &result {
             Ok(o) => emit(
                 log,
@@ -200,6 +208,7 @@ impl Builder {
         spec: &BuildSpec,
         log: LogFn<'_>,
         started: Instant,
+        pending: &Pending,
     ) -> Result<BuildOutcome, BuildError> {
         if !valid_template_id(&spec.target_id) {
             return Err(BuildError::Invalid(format!(
@@ -291,6 +300,7 @@ impl Builder {
                             spec,
                             log,
                             &label,
+                            pending,
                         )
                         .await
                         .map_err(|e| match e {
@@ -362,6 +372,7 @@ impl Builder {
                     spec,
                     log,
                     "finalize",
+                    pending,
                 )
                 .await
                 .map_err(|e| match e {
@@ -572,6 +583,7 @@ impl Builder {
         spec: &BuildSpec,
         log: LogFn<'_>,
         label: &str,
+        pending: &Pending,
     ) -> Result<crate::cache::Layer, StepError> {
         let (command, user, cwd) = match step {
             StepKind::Env(_) => {
@@ -666,7 +678,7 @@ impl Builder {
             .await
             .map_err(|e| StepError::Other(e.into()))?;
         let tail = Mutex::new(VecDeque::<String>::new());
-        let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
         let line_out = |line: &[u8]| {
             let text = String::from_utf8_lossy(line)
                 .trim_end_matches('\r')
@@ -679,7 +691,7 @@ impl Builder {
             t.push_back(text);
         };
         let mut on_output = |stream: OutputStream, data: &[u8]| {
-            let buf = &mut pending[stream as usize];
+            let buf = &mut partial[stream as usize];
             buf.extend_from_slice(data);
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -702,28 +714,61 @@ impl Builder {
             timeout: Some(self.step_timeout),
         };
         let result = sandbox.run(&cmd, &mut on_output).await;
-        for buf in pending.clone() {
+        for buf in partial.clone() {
             if !buf.is_empty() {
                 line_out(&buf);
             }
         }
-        let stopped = sandbox.stop().await;
-        let code = result.map_err(|e| StepError::Other(e.into()))?;
-        stopped.map_err(|e| StepError::Other(e.into()))?;
+        let code = match result {
+            Ok(code) => code,
+            Err(e) => {
+                let _ = sandbox.stop().await;
+                return Err(StepError::Other(e.into()));
+            }
+        };
         if code != 0 {
+            sandbox
+                .stop()
+                .await
+                .map_err(|e| StepError::Other(e.into()))?;
             let tail = tail.into_inner().unwrap_or_default();
             return Err(StepError::Failed {
                 exit_code: code,
                 tail: Vec::from(tail).join("\n"),
             });
         }
-        overlay::unmount(&ws.merged)
-            .map_err(|e| StepError::Other(BuildError::io("unmounting the build overlay", e)))?;
+        let mut sandbox = sandbox;
+        let running = match sandbox.halt().await {
+            Ok(()) => Some(sandbox),
+            Err(e) => {
+                tracing::warn!(error = %e, "halting the build sandbox failed; stopping it");
+                sandbox
+                    .stop()
+                    .await
+                    .map_err(|e| StepError::Other(e.into()))?;
+                overlay::unmount(&ws.merged).map_err(|e| {
+                    StepError::Other(BuildError::io("unmounting the build overlay", e))
+                })?;
+                None
+            }
+        };
         // The staging mount point is no part of the layer.
         let _ = std::fs::remove_dir(ws.upper.join(STAGE_MOUNT.trim_start_matches('/')));
-        store
-            .put(key, Some(&ws.upper))
-            .map_err(|e| StepError::Other(BuildError::io("storing a layer", e)))
+        // Nothing writes to the upper dir any more: it becomes the layer now,
+        // and the container is deleted in the background (~1.5 s).
+        let layer = store.put(key, Some(&ws.upper));
+        if let Some(sandbox) = running {
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tokio::spawn(async move {
+                    if let Err(e) = sandbox.stop().await {
+                        tracing::warn!(error = %e, "stopping a build sandbox failed");
+                    }
+                    let _ = tokio::task::spawn_blocking(move || drop(ws)).await;
+                }));
+        }
+        layer.map_err(|e| StepError::Other(BuildError::io("storing a layer", e)))
     }
 
     /// Flattens the layers into a rootfs, creates the runtime template and
