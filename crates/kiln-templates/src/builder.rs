@@ -713,6 +713,7 @@ impl Builder {
             env: state.env.clone(),
             timeout: Some(self.step_timeout),
         };
+        let run_started = Instant::now();
         let result = sandbox.run(&cmd, &mut on_output).await;
         for buf in partial.clone() {
             if !buf.is_empty() {
@@ -731,7 +732,13 @@ impl Builder {
                 .stop()
                 .await
                 .map_err(|e| StepError::Other(e.into()))?;
-            let tail = tail.into_inner().unwrap_or_default();
+            let mut tail = tail.into_inner().unwrap_or_default();
+            if code == -1 && run_started.elapsed() >= self.step_timeout {
+                tail.push_back(format!(
+                    "(killed: the step timed out after {:?})",
+                    self.step_timeout
+                ));
+            }
             return Err(StepError::Failed {
                 exit_code: code,
                 tail: Vec::from(tail).join("\n"),

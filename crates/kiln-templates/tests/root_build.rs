@@ -545,6 +545,10 @@ fn root_template_on_template() {
             vec![
                 Step::new(StepKind::Env(vec![("FROM_PARENT".into(), "yes".into())])),
                 run_step("echo parent > /parent.txt"),
+                // Build sandboxes reach the internet (DNS through the node's resolver).
+                run_step(
+                    "curl -sS --max-time 20 -o /dev/null -w '%{http_code}' http://deb.debian.org/debian/dists/bookworm/Release > /net.txt",
+                ),
             ],
         );
         parent.force = false;
@@ -570,10 +574,10 @@ fn root_template_on_template() {
                 rt,
                 &info.id,
                 "worker",
-                "cat /parent.txt; echo $FROM_PARENT; whoami; stat -c %a /etc/sudoers.d/worker"
+                "cat /parent.txt; echo $FROM_PARENT; whoami; stat -c %a /etc/sudoers.d/worker; cat /net.txt"
             )
             .await,
-            "parent\nyes\nworker\n440"
+            "parent\nyes\nworker\n440\n200"
         );
         rt.kill_and_wait(&info.id).await.unwrap();
     });
