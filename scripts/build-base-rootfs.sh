@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Builds Kiln's offline default base image: a minimal Debian bookworm root
-# filesystem made with debootstrap, with the sandbox user `user`.
+# filesystem made with debootstrap, with what E2B's base image offers (bash,
+# coreutils, procps, python3 and pip, git, curl, ca-certificates, sudo,
+# iproute2) and the sandbox user `user` (uid 1000, home /home/user,
+# passwordless sudo — sudo itself cannot work under gVisor, which always sets
+# no_new_privs, but templates built on the base may run elsewhere).
 # Usage: build-base-rootfs.sh DEST   (rebuilds only when the recipe changed)
 set -euo pipefail
 
 dest=${1:?usage: build-base-rootfs.sh DEST}
 mirror=${KILN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-packages=python3,ca-certificates,curl,procps,iproute2,less,git,nano,iputils-ping,xz-utils,bzip2,locales
-recipe="bookworm minbase $packages v3"
+packages=bash,coreutils,procps,python3,python3-pip,python3-venv,ca-certificates,curl,git,sudo,iproute2,less,nano,iputils-ping,xz-utils,bzip2,locales
+recipe="bookworm minbase $packages user1000-sudo v4"
 
 if [[ -f "$dest/.kiln-base-recipe" && "$(cat "$dest/.kiln-base-recipe")" == "$recipe" ]]; then
   echo "base rootfs up to date: $dest"
@@ -17,8 +21,8 @@ fi
 tmp="$dest.tmp.$$"
 rm -rf "$tmp"
 mkdir -p "$(dirname "$dest")"
-trap 'rm -rf "$tmp"' EXIT
-echo "debootstrap bookworm into $dest (takes a minute)..."
+trap 'rm -rf "$tmp" "$tmp.log"' EXIT
+echo "debootstrap bookworm into $dest (takes a few minutes)..."
 debootstrap --variant=minbase --include="$packages" bookworm "$tmp" "$mirror" >"$tmp.log" 2>&1 || {
   tail -30 "$tmp.log" >&2
   exit 1
@@ -26,8 +30,13 @@ debootstrap --variant=minbase --include="$packages" bookworm "$tmp" "$mirror" >"
 rm -f "$tmp.log"
 chroot "$tmp" /bin/sh -c '
   set -e
-  useradd -m -s /bin/bash user
+  useradd -m -u 1000 -s /bin/bash user
+  mkdir -p /etc/sudoers.d
+  echo "user ALL=(ALL:ALL) NOPASSWD: ALL" >/etc/sudoers.d/kiln-user
+  chmod 440 /etc/sudoers.d/kiln-user
   sed -i "s/^# *en_US.UTF-8/en_US.UTF-8/" /etc/locale.gen && locale-gen >/dev/null
+  # Let `pip install` work system-wide, as in E2B templates (PEP 668 marker).
+  rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
   apt-get clean
   rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc/* /usr/share/man/*
 '

@@ -7,7 +7,8 @@
 //! - a template's snapshot is made in [`template::snapshot_template`];
 //! - gVisor is driven through [`runsc`], networking through [`network`];
 //! - warm pools of frozen, restored sandboxes live in [`sandbox::pool`], the
-//!   freezer and usage figures in [`cgroup`].
+//!   freezer and usage figures in [`cgroup`];
+//! - template builds run their steps in build sandboxes ([`sandbox::build`]).
 
 pub mod cgroup;
 pub mod envd;
@@ -43,6 +44,14 @@ pub enum Error {
     TemplateNotFound(String),
     #[error("template '{id}' is not usable: {reason}")]
     TemplateInvalid { id: String, reason: String },
+    #[error(
+        "template '{id}': its ready command did not succeed within {timeout:?} (last attempt: {last})"
+    )]
+    NotReady {
+        id: String,
+        timeout: std::time::Duration,
+        last: String,
+    },
     #[error("sandbox '{0}' not found")]
     SandboxNotFound(String),
     #[error("sandbox '{id}' is {state}, cannot {action}")]

@@ -41,12 +41,16 @@ pub enum ContainerStatus {
 
 impl Runsc {
     fn command(&self) -> Command {
+        // The writable layer lives in sandbox memory, so checkpoints
+        // capture it and the template rootfs is never modified.
+        self.command_with_overlay("root:memory")
+    }
+
+    fn command_with_overlay(&self, overlay: &str) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg(format!("--root={}", self.root.display()))
             .arg(format!("--platform={}", self.platform))
-            // The writable layer lives in sandbox memory, so checkpoints
-            // capture it and the template rootfs is never modified.
-            .arg("--overlay2=root:memory")
+            .arg(format!("--overlay2={overlay}"))
             // Checkpoints must succeed while clients are connected to envd.
             .arg("--net-disconnect-ok")
             .stdin(Stdio::null());
@@ -69,6 +73,19 @@ impl Runsc {
         private_netfs: bool,
         timeout: Duration,
     ) -> Result<(), Error> {
+        self.exec_with(self.command(), what, args, log, private_netfs, timeout)
+    }
+
+    /// Like [`Runsc::exec`], starting from `cmd` (runsc with its global flags).
+    fn exec_with(
+        &self,
+        mut cmd: Command,
+        what: &str,
+        args: &[&OsStr],
+        log: &Path,
+        private_netfs: bool,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         let out = File::options()
             .create(true)
             .append(true)
@@ -77,7 +94,6 @@ impl Runsc {
         let err = out
             .try_clone()
             .map_err(|e| Error::io("cloning log fd", e))?;
-        let mut cmd = self.command();
         cmd.args(args).stdout(out).stderr(err);
         if private_netfs {
             // SAFETY: only async-signal-safe syscalls (unshare, mount) run
@@ -142,6 +158,21 @@ impl Runsc {
             id.as_ref(),
         ];
         self.exec("run", &args, log, true, Duration::from_secs(60))
+    }
+
+    /// Starts a new sandbox from `bundle` (detached) without gVisor's
+    /// overlay: its writes go straight to the rootfs on the host. Template
+    /// builds use it, with a host overlayfs mount as the rootfs.
+    pub fn run_without_overlay(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), Error> {
+        let args: Vec<&OsStr> = vec![
+            "run".as_ref(),
+            "--detach".as_ref(),
+            "--bundle".as_ref(),
+            bundle.as_os_str(),
+            id.as_ref(),
+        ];
+        let cmd = self.command_with_overlay("none");
+        self.exec_with(cmd, "run", &args, log, true, Duration::from_secs(60))
     }
 
     /// Restores a sandbox from a checkpoint image (detached).

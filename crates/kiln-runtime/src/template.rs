@@ -4,6 +4,7 @@
 //! Layout: `data_dir/templates/<id>/{template.json, rootfs/, snapshot/}`;
 //! `snapshot/complete` marks a snapshot that was fully written.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -36,6 +37,13 @@ pub struct TemplateMeta {
     pub workdir: Option<String>,
     #[serde(default = "default_envd_version")]
     pub envd_version: String,
+    /// Environment variables every process in the template's sandboxes sees
+    /// (a sandbox's own variables override them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How long `snapshot_template` polls the ready command (default 120 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_secs: Option<u64>,
 }
 
 fn default_user() -> String {
@@ -56,6 +64,8 @@ impl TemplateMeta {
             user: default_user(),
             workdir: None,
             envd_version: default_envd_version(),
+            env: BTreeMap::new(),
+            ready_timeout_secs: None,
         }
     }
 }
@@ -190,6 +200,7 @@ impl Runtime {
             let mut client = booted.client.clone();
             client
                 .init(&InitRequest {
+                    env_vars: meta.env.clone().into_iter().collect(),
                     default_user: Some(meta.user.clone()),
                     default_workdir: meta.workdir.clone(),
                     ..Default::default()
@@ -199,16 +210,28 @@ impl Runtime {
                 client.start_background(cmd, &meta.user, "start").await?;
             }
             if let Some(ready) = &meta.ready_cmd {
-                let deadline = Instant::now() + Duration::from_secs(120);
+                let timeout = Duration::from_secs(meta.ready_timeout_secs.unwrap_or(120));
+                let deadline = Instant::now() + timeout;
                 loop {
-                    let out = client.run(ready, &meta.user, Duration::from_secs(10)).await;
+                    let attempt = timeout.min(Duration::from_secs(10));
+                    let out = client.run(ready, &meta.user, attempt).await;
                     if matches!(&out, Ok(o) if o.exit_code == 0) {
                         break;
                     }
                     if Instant::now() > deadline {
-                        return Err(Error::TemplateInvalid {
+                        let last = match out {
+                            Ok(o) => format!(
+                                "exit code {}: {}{}",
+                                o.exit_code,
+                                o.stdout.trim(),
+                                o.stderr.trim()
+                            ),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(Error::NotReady {
                             id: id.to_string(),
-                            reason: format!("ready command did not succeed within 120 s: {out:?}"),
+                            timeout,
+                            last,
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

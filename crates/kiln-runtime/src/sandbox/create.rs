@@ -33,6 +33,20 @@ pub(crate) async fn boot(
     image: Option<&Path>,
     egress: &EgressPolicy,
 ) -> Result<Booted, Error> {
+    boot_with(rt, cid, &meta.resources, rootfs, image, egress, None).await
+}
+
+/// [`boot`], optionally as a template build sandbox (`build`: gVisor's
+/// overlay off, extra mounts), see [`crate::sandbox::build`].
+pub(crate) async fn boot_with(
+    rt: &Arc<Runtime>,
+    cid: &str,
+    resources: &crate::spec::Resources,
+    rootfs: &Path,
+    image: Option<&Path>,
+    egress: &EgressPolicy,
+    build: Option<&crate::sandbox::build::BuildMounts>,
+) -> Result<Booted, Error> {
     let net = rt.net.clone();
     let policy = egress.clone();
     let slot = tokio::task::spawn_blocking(move || -> Result<Slot, Error> {
@@ -49,7 +63,11 @@ pub(crate) async fn boot(
     let run_dir = rt.sandbox_run_dir(cid);
     let bundle = run_dir.join("bundle");
     let log = run_dir.join("runsc.log");
-    let spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, &meta.resources);
+    let mut spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, resources);
+    if let Some(build) = build {
+        build.apply(&mut spec);
+    }
+    let without_overlay = build.is_some();
     let started =
         crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e));
     let started = match started {
@@ -59,6 +77,7 @@ pub(crate) async fn boot(
             let image = image.map(Path::to_path_buf);
             tokio::task::spawn_blocking(move || match image {
                 Some(image) => rt2.runsc.restore(&cid2, &bundle2, &image, &log2),
+                None if without_overlay => rt2.runsc.run_without_overlay(&cid2, &bundle2, &log2),
                 None => rt2.runsc.run(&cid2, &bundle2, &log2),
             })
             .await
@@ -146,8 +165,12 @@ impl Runtime {
         }
         let _op = entry.op.lock().await;
         let rootfs = self.template_rootfs(&meta.id);
+        // The template's variables, overridden by the request's.
+        let mut env_vars: std::collections::HashMap<String, String> =
+            meta.env.clone().into_iter().collect();
+        env_vars.extend(req.env_vars.clone());
         let make_init = || InitRequest {
-            env_vars: req.env_vars.clone(),
+            env_vars: env_vars.clone(),
             access_token: req.access_token.clone(),
             default_user: Some(meta.user.clone()),
             default_workdir: meta.workdir.clone(),

@@ -1,5 +1,6 @@
 //! Sandbox lifecycle: each operation lives in one module.
 
+pub mod build;
 pub mod create;
 pub mod destroy;
 pub mod pause;
