@@ -205,3 +205,30 @@ wait_for_health() {
   done
   return 1
 }
+
+# ensure_postgres: PostgreSQL's server (kiln serve's cluster database, in tests).
+ensure_postgres() {
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgresql
+}
+
+# start_test_postgres DIR PORT: a throwaway cluster in DIR on 127.0.0.1:PORT,
+# trusting local connections, with a database "kiln".
+start_test_postgres() {
+  local dir="$1" port="$2" bin
+  bin="$(dirname "$(compgen -G "/usr/lib/postgresql/*/bin/initdb" | sort -V | tail -n1)")"
+  stop_test_postgres "$dir"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  chown postgres: "$dir"
+  runuser -u postgres -- "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+  runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  runuser -u postgres -- "$bin/createdb" -h 127.0.0.1 -p "$port" kiln
+}
+
+stop_test_postgres() {
+  local dir="$1" bin
+  [[ -f "$dir/data/postmaster.pid" ]] || return 0
+  bin="$(dirname "$(compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" | sort -V | tail -n1)")"
+  runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}

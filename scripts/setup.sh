@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
-# Kiln quick start: installs the build dependencies, creates the sandbox user,
-# builds envd (release) and runs it in the foreground on port 49983.
-# (For now Kiln is just envd; this will become `kiln serve`.)
+# Kiln quick start: installs what is missing (build tools, gVisor's runsc from
+# bookworm-backports, debootstrap, nftables), builds the Debian base image, a
+# static envd and `kiln` (release), then runs `kiln serve` in the foreground
+# with the `base` template ready.
 #
-# Environment: ENVD_ADDR (default 0.0.0.0), ENVD_PORT (default 49983), RUST_LOG.
+# Environment: KILN_LISTEN (default 127.0.0.1:3000), KILN_DATA_DIR (default
+# /var/lib/kiln), KILN_API_KEY (use this key instead of generating one),
+# RUST_LOG. Extra arguments go to `kiln serve` (see `kiln serve --help`).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require_root
-
-# Loopback by default: envd without an access token must not face a network.
-ADDR="${ENVD_ADDR:-127.0.0.1}"
-PORT="${ENVD_PORT:-49983}"
+cd "$KILN_ROOT" || exit 1
 
 ensure_base_tools
-ensure_sandbox_user
-ENVD_BIN="$(build_envd release)"
+ensure_runtime_packages
 
-if port_in_use "$PORT"; then
-  die "port $PORT is already in use (another envd?); stop it or set ENVD_PORT"
+log "base image ($BASE_ROOTFS)"
+bash "$KILN_ROOT/scripts/build-base-rootfs.sh" "$BASE_ROOTFS" >&2
+log "static envd"
+ENVD_BIN="$(bash "$KILN_ROOT/scripts/build-envd.sh")"
+log "kiln (release)"
+cargo build --release --locked -p kiln-cli >&2
+install -D -m 0755 "$KILN_ROOT/target/release/kiln" /usr/local/bin/kiln
+install -D -m 0755 "$ENVD_BIN" /usr/local/lib/kiln/envd
+
+LISTEN="${KILN_LISTEN:-127.0.0.1:3000}"
+if port_in_use "${LISTEN##*:}"; then
+  die "port ${LISTEN##*:} is already in use; stop what listens there or set KILN_LISTEN"
 fi
 
 cat >&2 <<INFO
 
-  envd $("$ENVD_BIN" --version | awk '{print $2}') is starting on $ADDR:$PORT (Ctrl-C stops it).
+  kiln serve is starting on http://$LISTEN (Ctrl-C stops it; sandboxes keep running
+  and are adopted at the next start). The first start prints an API key: keep it.
 
-  Try it from another shell:
-    curl -i http://localhost:$PORT/health
-    curl -s -X POST http://localhost:$PORT/process.Process/List \\
-         -H 'Content-Type: application/json' -H 'Connect-Protocol-Version: 1' -d '{}'
-
-  Or with the official E2B Python SDK in debug mode (no control plane needed):
+  Then, from another shell, the official SDKs work unchanged:
+    export E2B_API_URL=http://$LISTEN E2B_SANDBOX_URL=http://$LISTEN E2B_API_KEY=<the key>
     python3 -m venv /tmp/e2b && /tmp/e2b/bin/pip install e2b==2.63.0
-    E2B_DEBUG=true /tmp/e2b/bin/python -c \\
-      'from e2b import Sandbox; print(Sandbox.create().commands.run("whoami").stdout)'
+    /tmp/e2b/bin/python -c 'from e2b import Sandbox; print(Sandbox.create().commands.run("whoami").stdout)'
 
-  Run the test suites with: bash scripts/test.sh (stop this envd first: it uses the same port)
+  Or the kiln CLI:  kiln sandbox create      (a terminal in a new sandbox)
+                    kiln sandbox list | info ID | exec ID -- CMD | kill ID
 
 INFO
-exec env RUST_LOG="${RUST_LOG:-info}" "$ENVD_BIN" --addr "$ADDR" --port "$PORT"
+exec env RUST_LOG="${RUST_LOG:-info}" /usr/local/bin/kiln serve --listen "$LISTEN" \
+  --envd /usr/local/lib/kiln/envd --base-rootfs "$BASE_ROOTFS" "$@"

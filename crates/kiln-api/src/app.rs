@@ -27,6 +27,8 @@ pub struct App {
     pub samples: Samples,
     pub metrics: Metrics,
     pub proxy_client: crate::proxy::Client,
+    /// The runtime template behind `base` (its warm pool is drained at shutdown).
+    pub base_runtime: Mutex<Option<String>>,
     /// Template builds in progress (see [`crate::templates`]).
     pub builds: crate::templates::Builds,
 }
@@ -62,6 +64,7 @@ impl App {
             samples: Samples::default(),
             metrics: Metrics::default(),
             proxy_client: crate::proxy::client(),
+            base_runtime: Mutex::new(None),
             builds: Default::default(),
         }
     }

@@ -90,6 +90,25 @@ impl Server {
     pub fn router(&self) -> Router {
         router(self.app.clone())
     }
+
+    /// A clean stop: warm pools are emptied (their sandboxes are disposable)
+    /// and background teardowns finish. Users' sandboxes keep running and
+    /// are adopted at the next start.
+    pub async fn shutdown(&self) {
+        let base = self
+            .app
+            .base_runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(id) = base
+            && let Err(e) = self.app.runtime.set_pool_size(&id, 0).await
+        {
+            tracing::warn!(error = %e, "emptying the warm pool");
+        }
+        let rt = self.app.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.wait_for_teardowns()).await;
+    }
 }
 
 /// A team by name, created with the default limits if missing.
@@ -175,6 +194,7 @@ async fn prepare_base(app: &Arc<App>) -> Result<(), ApiError> {
         .set_template_build(BASE_TEMPLATE, &runtime_id, &runtime_id)
         .await?;
     app.db.add_alias(BASE_TEMPLATE, BASE_TEMPLATE).await?;
+    *app.base_runtime.lock().unwrap_or_else(|e| e.into_inner()) = Some(runtime_id.clone());
     if app.cfg.pool_size > 0 {
         app.runtime
             .set_pool_size(&runtime_id, app.cfg.pool_size)

@@ -138,7 +138,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     tracing::info!("stopping: running sandboxes keep running and are adopted at the next start");
-    server.app.runtime.wait_for_teardowns();
+    server.shutdown().await;
     Ok(())
 }
 

@@ -1066,3 +1066,57 @@ async fn full_disk_is_507() {
     assert!(leftovers.is_empty());
     assert!(!exists);
 }
+
+/// A proxy pools connections to envd: after an upload the connection must
+/// stay usable (the body read to its end, no silent close).
+#[tokio::test]
+async fn connection_stays_usable_after_a_multipart_upload() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let envd = Envd::start().await;
+    let dir = user_dir();
+    let target = dir.path().join("kept-alive.txt");
+    let addr = envd.base.trim_start_matches("http://").to_string();
+    let boundary = "kaboundary";
+    let body = multipart(
+        boundary,
+        &[("file", Some(target.to_str().unwrap()), b"data")],
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut request = format!(
+            "POST /files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        conn.write_all(&request).unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let read_response = |reader: &mut BufReader<std::net::TcpStream>| -> String {
+            let mut status = String::new();
+            reader.read_line(&mut status).unwrap();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                assert!(!lower.starts_with("connection: close"), "envd closes: {line}");
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            status
+        };
+        assert!(read_response(&mut reader).contains("200"));
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(read_response(&mut reader).contains("204"));
+    })
+    .await
+    .unwrap();
+}

@@ -166,7 +166,7 @@ def test_auto_pause_on_timeout_keeps_state():
 def test_pause_resume_keeps_processes_and_files(sandbox):
     sandbox.files.write("/home/user/notes.txt", "remember me")
     handle = sandbox.commands.run(
-        "python3 -c 'import time\ni=0\nwhile True:\n    i+=1; open(\"/tmp/counter\",\"w\").write(str(i)); time.sleep(0.05)'",
+        "python3 -c 'import os, time\ni=0\nwhile True:\n    i+=1; open(\"/tmp/c.t\",\"w\").write(str(i)); os.replace(\"/tmp/c.t\", \"/tmp/counter\"); time.sleep(0.05)'",
         background=True,
     )
     time.sleep(0.5)

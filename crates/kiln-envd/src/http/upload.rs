@@ -57,8 +57,8 @@ pub async fn upload(
     let mut data = body.into_data_stream();
     match handle(&state, &headers, query, &mut data).await {
         Ok(entries) => {
-            // A multipart parser stops at the closing boundary; reading to
-            // the end lets hyper keep the connection alive (a proxy pools it).
+            // Whatever follows the closing boundary is read too, so hyper can
+            // keep the connection alive (kiln serve's proxy pools them).
             while let Some(Ok(_)) = data.next().await {}
             Json(entries).into_response()
         }
