@@ -51,7 +51,7 @@ count_results() {
     python*) # pytest's last line: "3 failed, 120 passed, 1 error in 30.1s"
       counts="$(grep -E '[0-9]+ (passed|failed|errors?)' "$logfile" | tail -n1 |
         awk '{for(i=1;i<NF;i++){if($(i+1)~/^passed/)p+=$i; if($(i+1)~/^(failed|error)/)f+=$i}} END{print p+0, f+0}' || true)" ;;
-    js*) # smoke.mjs's last line: "12 passed, 0 failed"
+    js* | cli*) # smoke.mjs's and cli-test.sh's last line: "12 passed, 0 failed"
       counts="$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$logfile" | tail -n1 | awk '{print $1+0, $3+0} END{if(NR==0)print 0, 0}' || true)" ;;
     *) # one check: its exit code
       if [[ "$rc" == 0 ]]; then counts="1 0"; else counts="0 1"; fi ;;
@@ -226,6 +226,12 @@ serve_suites() {
   rc="${PIPESTATUS[0]}"
   set -e
   count_results "js-server-$name" "$OUT_DIR/js-server-$name.log" "$rc"
+  log "kiln and e2b CLIs against kiln serve ($name)"
+  set +e
+  KILN_BIN="$KILN_BIN" bash "$KILN_ROOT/tests/cli/cli-test.sh" 2>&1 | tee "$OUT_DIR/cli-server-$name.log"
+  rc="${PIPESTATUS[0]}"
+  set -e
+  count_results "cli-server-$name" "$OUT_DIR/cli-server-$name.log" "$rc"
 }
 
 # serve_restart_check: state made before a restart is all there after it.
@@ -272,6 +278,7 @@ else
 fi
 serve_teardown
 stop_test_postgres "$PG_DIR"
+rm -rf "$PG_DIR" "$SERVE_ROOT"
 PG_DIR=""
 
 # --- summary -----------------------------------------------------------------

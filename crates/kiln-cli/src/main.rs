@@ -38,6 +38,15 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Like other Unix tools, end quietly when the reader of our output
+        // goes away (`kiln sandbox list | head`). The server keeps Rust's
+        // default (ignored), so a closed socket is an error, not a death.
+        // SAFETY: called before any thread exists; SIG_DFL is a valid handler.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
