@@ -52,24 +52,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     reaper::start();
     let listener = listener::ThreadListener::new(listener)?;
-    tokio::spawn(restore_tick());
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-/// Keeps the tokio reactor waking up on its own.
-///
-/// After a gVisor checkpoint/restore, epoll registrations made before the
-/// checkpoint can be lost (google/gvisor#13920), including tokio's own
-/// eventfd waker: a task woken from another thread (the reaper, an output
-/// reader, the accept thread) would then sleep until some timer fires. A
-/// short periodic timer bounds that delay; idle, it costs ~100 cheap wakeups
-/// a second.
-async fn restore_tick() {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-    }
-}

@@ -31,20 +31,39 @@ fn main() -> anyhow::Result<()> {
     let addr = SocketAddr::new(args.addr, args.port);
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, version = kiln_envd::VERSION, "envd listening");
+    // Timers only, no I/O driver: envd registers nothing with epoll (its
+    // sockets are served by plain threads, see `listener`), and without an
+    // I/O driver idle workers park on futexes rather than in epoll_wait, so
+    // no wakeup depends on an epoll registration that a gVisor
+    // checkpoint/restore can lose (google/gvisor#13920).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .enable_all()
+        .enable_time()
         .build()?;
     let state = kiln_envd::EnvdState::new();
     runtime.block_on(kiln_envd::serve(listener, state, shutdown_signal()))?;
     Ok(())
 }
 
+/// Resolves on SIGTERM or SIGINT. A plain thread waits for them (tokio's
+/// signal handling needs the I/O driver this runtime does not have).
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = tx.send(());
+                }
+            });
+            let _ = rx.await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch for SIGTERM; stop envd with SIGKILL");
+            std::future::pending::<()>().await;
+        }
     }
 }

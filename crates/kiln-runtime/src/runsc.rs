@@ -55,7 +55,7 @@ impl Runsc {
             .arg("--net-disconnect-ok")
             .stdin(Stdio::null());
         // Diagnostics: gVisor's own debug logs, one file per runsc command.
-        if let Some(dir) = std::env::var_os("KILN_RUNSC_DEBUG_DIR") {
+        if let Some(dir) = std::env::var_os("KILN_RUNSC_DEBUG_DIR").filter(|d| !d.is_empty()) {
             let mut flag = std::ffi::OsString::from("--debug-log=");
             flag.push(dir);
             flag.push("/");
