@@ -158,9 +158,24 @@ pub async fn request(
         .or(body.alias)
         .ok_or_else(|| ApiError::BadRequest("the template needs a name".into()))?;
     let (name, tag) = parse_name(&text)?;
+    let existing = app.db.template(&name).await?;
+    if let Some(t) = &existing
+        && t.team_id != team.id
+    {
+        return Err(ApiError::Conflict(format!(
+            "the template name '{name}' is taken by another team; choose another name"
+        )));
+    }
+    // A rebuild keeps the template's resources unless it asks for others.
     let defaults = kiln_runtime::Resources::default();
-    let cpu = body.cpu_count.unwrap_or(defaults.vcpus as i64);
-    let memory_mb = body.memory_mb.unwrap_or(defaults.memory_mb as i64);
+    let cpu = body
+        .cpu_count
+        .or(existing.as_ref().map(|t| t.cpu))
+        .unwrap_or(defaults.vcpus as i64);
+    let memory_mb = body
+        .memory_mb
+        .or(existing.as_ref().map(|t| t.memory_mb))
+        .unwrap_or(defaults.memory_mb as i64);
     if !(1..=64).contains(&cpu) {
         return Err(ApiError::BadRequest(format!(
             "cpuCount {cpu}: between 1 and 64"
@@ -171,13 +186,8 @@ pub async fn request(
             "memoryMB {memory_mb}: between 128 and 262144"
         )));
     }
-    let template_id = match app.db.template(&name).await? {
-        Some(t) if t.team_id == team.id => t.id,
-        Some(_) => {
-            return Err(ApiError::Conflict(format!(
-                "the template name '{name}' is taken by another team; choose another name"
-            )));
-        }
+    let template_id = match existing {
+        Some(t) => t.id,
         None => {
             let id = random_id();
             let envd_version = kiln_runtime::template::TemplateMeta::new("x").envd_version;
