@@ -910,6 +910,90 @@ fn pull_options(
     opts
 }
 
+/// envd resolves users through `/etc/passwd` and `/etc/group`; minimal
+/// images (busybox, distroless) may have neither, and no `useradd` either:
+/// such an image gets files with root and E2B's default user `user` (uid
+/// 1000, home `/home/user`). Never follows a symlink out of the image.
+fn add_passwd(rootfs: &Path) -> Result<(), String> {
+    use std::io::Write;
+    // The runtime places envd in /usr/bin, which e.g. busybox images lack.
+    let usr = rootfs.join("usr");
+    if std::fs::symlink_metadata(&usr).is_err() {
+        std::fs::create_dir_all(usr.join("bin"))
+            .map_err(|e| format!("creating {}: {e}", usr.display()))?;
+    }
+    let etc = rootfs.join("etc");
+    match std::fs::symlink_metadata(&etc) {
+        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => return Ok(()),
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::create_dir(&etc).map_err(|e| format!("creating {}: {e}", etc.display()))?
+        }
+    }
+    for (name, line) in [
+        (
+            "passwd",
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        ),
+        ("group", "root:x:0:\nuser:x:1000:\n"),
+    ] {
+        let path = etc.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        if name == "passwd" {
+            make_home(rootfs)?;
+        }
+        // create_new: fails instead of following a symlink created meanwhile.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        f.write_all(line.as_bytes())
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// An image's USER (`name`, `uid`, `name:group`, `uid:gid`) as a user name,
+/// which is what envd takes; a uid with no name in the image counts as unset.
+fn image_user(rootfs: &Path, user: &str) -> Option<String> {
+    let user = user.split(':').next().unwrap_or(user).trim();
+    if user.is_empty() {
+        return None;
+    }
+    if !user.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(user.to_string());
+    }
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let uid = fields.nth(1)?;
+        (uid == user).then(|| name.to_string())
+    })
+}
+
+/// `/home/user` owned by uid 1000, unless `/home` is something else than a directory.
+fn make_home(rootfs: &Path) -> Result<(), String> {
+    let home = rootfs.join("home");
+    match std::fs::symlink_metadata(&home) {
+        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => return Ok(()),
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::create_dir(&home).map_err(|e| format!("creating {}: {e}", home.display()))?
+        }
+    }
+    let dir = home.join("user");
+    if std::fs::symlink_metadata(&dir).is_err() {
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::os::unix::fs::lchown(&dir, Some(1000), Some(1000))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs a future that the compiler cannot prove `Send` (kiln-oci's pull) on
 /// a blocking thread of the runtime.
 async fn off_task<F, Fut, T>(make: F) -> Result<T, String>
@@ -983,19 +1067,21 @@ async fn pull_image(
                     pulled.stats.bytes_downloaded
                 ),
             );
+            add_passwd(&rootfs)?;
             let text = serde_json::to_vec(&pulled.config).map_err(|e| e.to_string())?;
             std::fs::write(&config_path, text)
                 .map_err(|e| format!("writing {}: {e}", config_path.display()))?;
             pulled.config
         }
     };
+    let user = config.user.as_deref().and_then(|u| image_user(&rootfs, u));
     Ok(BuildFrom::Rootfs {
         path: rootfs,
         key: digest,
         config: ImageDefaults {
             env: config.env,
             workdir: config.working_dir,
-            user: config.user,
+            user,
         },
     })
 }
@@ -1209,6 +1295,45 @@ mod tests {
         missing.files_hash = Some("ab".repeat(8));
         let err = wire_to_step(1, &missing, &mut no_files).unwrap_err();
         assert!(err.contains("no files"), "{err}");
+    }
+
+    #[test]
+    fn numeric_image_users_become_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(image_user(dir.path(), "1000:1000").as_deref(), Some("user"));
+        assert_eq!(image_user(dir.path(), "0").as_deref(), Some("root"));
+        assert_eq!(image_user(dir.path(), "app:staff").as_deref(), Some("app"));
+        assert_eq!(image_user(dir.path(), "4242"), None);
+        assert_eq!(image_user(dir.path(), ""), None);
+    }
+
+    #[test]
+    fn minimal_images_get_users_and_usr_bin() {
+        let dir = tempfile::tempdir().unwrap();
+        add_passwd(dir.path()).unwrap();
+        let passwd = std::fs::read_to_string(dir.path().join("etc/passwd")).unwrap();
+        assert!(passwd.starts_with("root:x:0:0:") && passwd.contains("user:x:1000:1000:"));
+        assert!(dir.path().join("usr/bin").is_dir());
+        assert!(dir.path().join("home/user").is_dir());
+        // An image's own files are left alone.
+        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+        add_passwd(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/passwd")).unwrap(),
+            "root:x:0:0::/:/bin/sh\n"
+        );
+        // A symlinked /etc is never written through.
+        let other = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), other.path().join("etc")).unwrap();
+        add_passwd(other.path()).unwrap();
+        assert!(!outside.path().join("passwd").exists());
     }
 
     #[test]
