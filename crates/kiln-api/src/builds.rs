@@ -104,14 +104,14 @@ pub fn parse_name(text: &str) -> Result<(String, Option<String>), ApiError> {
         && name.len() <= 128
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b))
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && name
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphanumeric());
     if !ok {
         return Err(ApiError::BadRequest(format!(
-            "template name '{name}': use 1-128 lowercase letters, digits, '-', '_', '.' and '/', \
+            "template name '{name}': use 1-128 lowercase letters, digits, '-', '_' and '.', \
              starting with a letter or digit"
         )));
     }
@@ -471,7 +471,7 @@ pub fn wire_to_step(
             }
         }
         "ENV" => {
-            if a.len() % 2 != 0 {
+            if !a.len().is_multiple_of(2) {
                 return Err(format!(
                     "step {index}: ENV needs name/value pairs, got {} argument(s)",
                     a.len()
@@ -1343,7 +1343,7 @@ mod tests {
             parse_name("my-tpl:v2").unwrap(),
             ("my-tpl".into(), Some("v2".into()))
         );
-        for bad in ["", "My", "-x", "a b", "x:", "x:a/b"] {
+        for bad in ["", "My", "-x", "a b", "x:", "x:a/b", "team/x"] {
             assert!(parse_name(bad).is_err(), "{bad}");
         }
         assert!(is_e2b_base("e2bdev/base"));
