@@ -59,6 +59,14 @@ impl Default for Builds {
 }
 
 impl Builds {
+    /// Whether a build was started and has not finished (queued or running).
+    pub fn is_started(&self, build_id: &str) -> bool {
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(build_id)
+    }
+
     fn upload_token(&self, team_id: &str, hash: &str) -> String {
         sha256_hex(&format!("{}:{team_id}:{hash}", self.secret))[..40].to_string()
     }
@@ -619,7 +627,10 @@ async fn run_build(app: &Arc<App>, team: &Team, build: BuildRow, body: BuildStar
             // A template whose first build failed is not kept (its name is free again).
             if let Ok(Some(t)) = app.db.template(&build.template_id).await
                 && t.runtime_id.is_none()
-                && app.db.active_builds_of(&t.id).await.unwrap_or(1) == 0
+                && app.db.active_builds_of(&t.id).await.is_ok_and(|ids| {
+                    ids.iter()
+                        .all(|id| id == &build.id || !app.builds.is_started(id))
+                })
             {
                 let _ = app.db.delete_template(&t.id).await;
             }

@@ -872,16 +872,19 @@ impl Db {
         Ok(())
     }
 
-    /// Builds of a template that are waiting or running.
-    pub async fn active_builds_of(&self, template_id: &str) -> Result<i64, ApiError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM template_builds \
+    /// Ids of a template's builds that are waiting or running.
+    pub async fn active_builds_of(&self, template_id: &str) -> Result<Vec<String>, ApiError> {
+        let rows = sqlx::query(
+            "SELECT id FROM template_builds \
              WHERE template_id = $1 AND status IN ('waiting', 'building')",
         )
         .bind(template_id)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(row.try_get::<i64, _>("n")?)
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     /// Build ids left waiting or building (by a previous run of the server).

@@ -71,7 +71,9 @@ pub async fn delete(
         .await?
         .filter(|t| t.team_id == team.id)
         .ok_or_else(|| ApiError::NotFound(format!("template '{id}' not found")))?;
-    if app.db.active_builds_of(&tpl.id).await? > 0 {
+    // Requested builds never started do not count: a client may give up.
+    let active = app.db.active_builds_of(&tpl.id).await?;
+    if active.iter().any(|b| app.builds.is_started(b)) {
         return Err(ApiError::Conflict(format!(
             "template '{id}' is being built: wait for the build to finish"
         )));

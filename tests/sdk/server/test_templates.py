@@ -55,7 +55,8 @@ def run(sbx, cmd, **kw):
 
 
 def test_every_step_shows_in_the_sandbox_and_a_rebuild_is_cached(tmp_path, names):
-    (tmp_path / "hello.txt").write_text("hello from the build context\n")
+    marker = uuid.uuid4().hex  # fresh steps: nothing cached by an earlier run
+    (tmp_path / "hello.txt").write_text(f"hello from the build context {marker}\n")
     name = unique("steps")
     names.append(name)
 
@@ -63,7 +64,7 @@ def test_every_step_shows_in_the_sandbox_and_a_rebuild_is_cached(tmp_path, names
         return (
             Template(file_context_path=tmp_path)
             .from_base_image()
-            .run_cmd("sleep 3 && echo built > /opt/built.txt")
+            .run_cmd(f"sleep 3 && echo built {marker} > /opt/built.txt")
             .copy("hello.txt", "/opt/app/hello.txt")
             .set_envs({"GREETING": "hi there", "TOOL": "kiln"})
             .set_workdir("/opt/app")
@@ -74,8 +75,8 @@ def test_every_step_shows_in_the_sandbox_and_a_rebuild_is_cached(tmp_path, names
     assert Template.exists(name)
     sbx = Sandbox.create(name, timeout=120)
     try:
-        assert run(sbx, "cat /opt/built.txt") == "built\n"
-        assert run(sbx, "cat hello.txt") == "hello from the build context\n"
+        assert run(sbx, "cat /opt/built.txt") == f"built {marker}\n"
+        assert run(sbx, "cat hello.txt") == f"hello from the build context {marker}\n"
         assert run(sbx, 'echo "$GREETING/$TOOL"') == "hi there/kiln\n"
         assert run(sbx, "pwd") == "/opt/app\n"
         assert run(sbx, "whoami") == "user\n"
@@ -94,7 +95,7 @@ def test_every_step_shows_in_the_sandbox_and_a_rebuild_is_cached(tmp_path, names
     # The rebuilt template still works.
     sbx = Sandbox.create(name, timeout=60)
     try:
-        assert run(sbx, "cat /opt/built.txt") == "built\n"
+        assert run(sbx, "cat /opt/built.txt") == f"built {marker}\n"
     finally:
         sbx.kill()
 
@@ -171,13 +172,14 @@ def test_template_api_rules(api, names, tmp_path):
 
     # Uploads: a bad hash is refused, and only the returned URL may upload.
     assert api.get(f"/templates/{tid}/files/not-a-hash").status_code == 400
-    link = api.get(f"/templates/{tid}/files/{'cd' * 32}")
+    fresh = uuid.uuid4().hex * 2
+    link = api.get(f"/templates/{tid}/files/{fresh}")
     assert link.status_code == 201 and link.json()["present"] is False
     url = link.json()["url"]
     assert url.startswith(API_URL)
     assert httpx.put(url.split("?")[0], content=b"x").status_code == 403
     assert httpx.put(url, content=b"not a tar").status_code == 200
-    assert api.get(f"/templates/{tid}/files/{'cd' * 32}").json()["present"] is True
+    assert api.get(f"/templates/{tid}/files/{fresh}").json()["present"] is True
 
     # A build that names no uploaded files fails with the reason.
     r = api.post("/v3/templates", json={"name": name})
@@ -254,3 +256,55 @@ def test_cli_builds_a_dockerfile(tmp_path, names):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "exit code 7" in r.stderr and "echo nope && exit 7" in r.stderr, r.stderr
+
+
+def test_builds_queue_one_at_a_time(api, names):
+    first, second = unique("queue-a"), unique("queue-b")
+    names += [first, second]
+    builds = []
+    for name in (first, second):
+        r = api.post("/v3/templates", json={"name": f"{name}:v1", "cpuCount": 1, "memoryMB": 256})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert body["names"] == [name] and body["tags"] == ["v1"] and body["public"] is False
+        builds.append((body["templateID"], body["buildID"]))
+    # Not started yet: waiting, and a template with an unstarted build can still be deleted.
+    st = api.get(f"/templates/{builds[0][0]}/builds/{builds[0][1]}/status").json()
+    assert st["status"] == "waiting" and st["logEntries"] == []
+    marker = uuid.uuid4().hex  # a fresh step, never cached
+    steps = [{"type": "RUN", "args": [f"sleep 2 && echo {marker}"], "force": False}]
+    for tid, bid in builds:
+        r = api.post(f"/v2/templates/{tid}/builds/{bid}", json={"fromTemplate": "base", "force": False, "steps": steps})
+        assert r.status_code == 202, r.text
+    tid, bid = builds[0]
+    r = api.post(f"/v2/templates/{tid}/builds/{bid}", json={"fromTemplate": "base", "steps": steps})
+    assert r.status_code == 409
+    # While the first builds, the second waits, and the first's template cannot be deleted.
+    seen = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        a = api.get(f"/templates/{builds[0][0]}/builds/{builds[0][1]}/status").json()["status"]
+        b = api.get(f"/templates/{builds[1][0]}/builds/{builds[1][1]}/status").json()["status"]
+        if a == "building":
+            seen.add(b)
+            r = api.delete(f"/templates/{builds[0][0]}")
+            assert r.status_code == 409 and "being built" in r.json()["message"]
+        if a in ("ready", "error") and b in ("ready", "error"):
+            break
+        time.sleep(0.2)
+    assert (a, b) == ("ready", "ready")
+    assert "waiting" in seen and "building" not in seen, seen
+    # The log of a build, page by page and by level; the second build reused the first's layer.
+    logs = api.get(f"/templates/{builds[0][0]}/builds/{builds[0][1]}/status?logsOffset=0&limit=100").json()
+    assert marker in [e["message"] for e in logs["logEntries"]], logs
+    logs = api.get(f"/templates/{builds[1][0]}/builds/{builds[1][1]}/status?logsOffset=0&limit=100").json()
+    messages = [e["message"] for e in logs["logEntries"]]
+    assert "CACHED" in messages and marker not in messages, messages
+    assert any(e.get("step") == "1" for e in logs["logEntries"])
+    page = api.get(f"/templates/{builds[1][0]}/builds/{builds[1][1]}/status?logsOffset=1&limit=2").json()
+    assert [e["message"] for e in page["logEntries"]] == messages[1:3]
+    warn = api.get(f"/templates/{builds[1][0]}/builds/{builds[1][1]}/status?level=warn").json()
+    assert all(e["level"] in ("warn", "error") for e in warn["logEntries"])
+    # Other teams see nothing of it.
+    with httpx.Client(base_url=API_URL, headers={"X-API-KEY": OTHER_KEY}, timeout=30) as other:
+        assert other.get(f"/templates/{builds[1][0]}/builds/{builds[1][1]}/status").status_code == 404
