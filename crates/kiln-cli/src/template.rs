@@ -420,14 +420,18 @@ async fn build(api: &Api, args: BuildArgs, json_out: bool) -> Result<()> {
                 continue;
             }
             say(msg);
-            if let Some(step) = e["step"].as_str() {
-                current = match step.parse::<usize>() {
-                    Ok(n) => format!("step {n}/{}", parsed.steps.len()),
-                    Err(_) => step.to_string(),
-                };
+            // The spinner names the step running now: its "[i/n] RUN ..." line, or the phase.
+            if msg.starts_with('[') && msg.contains("] ") {
+                current = msg.to_string();
+            } else if let Some(step) = e["step"].as_str().filter(|s| s.parse::<usize>().is_err()) {
+                current = step.to_string();
             }
+            progress.status(&current);
         }
         let status = st["status"].as_str().unwrap_or("building");
+        if status == "building" && offset == 0 {
+            current = "starting the build".into();
+        }
         if matches!(status, "ready" | "error") && entries.is_empty() {
             progress.finish();
             let took = started.elapsed();
