@@ -93,9 +93,22 @@ fn builder(app: &Arc<App>) -> Arc<Builder> {
 /// Marks builds a previous run left unfinished as failed.
 pub async fn recover(app: &App) -> Result<(), ApiError> {
     for id in app.db.unfinished_builds().await? {
+        // Whatever the interrupted build made of its runtime template goes.
+        if let Some(b) = app.db.build(&id).await?
+            && app.runtime.template(&b.runtime_id).is_ok()
+        {
+            let _ = app.runtime.delete_template(&b.runtime_id);
+        }
         app.db
             .set_build_status(&id, "error", Some("interrupted by a restart of kiln serve"))
             .await?;
+        // As after any failure: a template without a finished build is not kept.
+        if let Some(b) = app.db.build(&id).await?
+            && let Some(t) = app.db.template(&b.template_id).await?
+            && t.runtime_id.is_none()
+        {
+            app.db.delete_template(&t.id).await?;
+        }
     }
     Ok(())
 }
