@@ -110,6 +110,16 @@ pub struct BuildRow {
     pub finished_at: Option<i64>,
 }
 
+/// Who asked for a build and what for (columns of migration 0002).
+#[derive(Debug, Clone)]
+pub struct BuildRequestRow {
+    pub team_id: String,
+    pub cpu: i64,
+    pub memory_mb: i64,
+    pub names: Vec<String>,
+    pub reason_step: Option<String>,
+}
+
 /// Unique, increasing sequence numbers for event and log rows.
 fn next_seq() -> i64 {
     static SEQ: AtomicI64 = AtomicI64::new(0);
@@ -796,6 +806,96 @@ impl Db {
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    // --- build requests (migration 0002) -------------------------------------
+
+    /// Records who asked for a build and what for.
+    pub async fn set_build_request(
+        &self,
+        id: &str,
+        team_id: &str,
+        cpu: i64,
+        memory_mb: i64,
+        names: &[String],
+    ) -> Result<(), ApiError> {
+        sqlx::query(
+            "UPDATE template_builds SET team_id = $1, cpu = $2, memory_mb = $3, names = $4 \
+             WHERE id = $5",
+        )
+        .bind(team_id)
+        .bind(cpu)
+        .bind(memory_mb)
+        .bind(serde_json::to_string(names).unwrap_or_default())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn build_request(&self, id: &str) -> Result<Option<BuildRequestRow>, ApiError> {
+        let row = sqlx::query(
+            "SELECT team_id, cpu, memory_mb, names, reason_step FROM template_builds WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(BuildRequestRow {
+                team_id: r
+                    .try_get::<Option<String>, _>("team_id")?
+                    .unwrap_or_default(),
+                cpu: r.try_get::<Option<i64>, _>("cpu")?.unwrap_or(2),
+                memory_mb: r.try_get::<Option<i64>, _>("memory_mb")?.unwrap_or(512),
+                names: r
+                    .try_get::<Option<String>, _>("names")?
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+                reason_step: r.try_get("reason_step")?,
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| e.into())
+    }
+
+    pub async fn set_build_reason_step(
+        &self,
+        id: &str,
+        step: Option<&str>,
+    ) -> Result<(), ApiError> {
+        sqlx::query("UPDATE template_builds SET reason_step = $1 WHERE id = $2")
+            .bind(step)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Ids of a template's builds that are waiting or running.
+    pub async fn active_builds_of(&self, template_id: &str) -> Result<Vec<String>, ApiError> {
+        let rows = sqlx::query(
+            "SELECT id FROM template_builds \
+             WHERE template_id = $1 AND status IN ('waiting', 'building')",
+        )
+        .bind(template_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
+    }
+
+    /// Build ids left waiting or building (by a previous run of the server).
+    pub async fn unfinished_builds(&self) -> Result<Vec<String>, ApiError> {
+        let rows =
+            sqlx::query("SELECT id FROM template_builds WHERE status IN ('waiting', 'building')")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()
             .map_err(Into::into)
     }
 }

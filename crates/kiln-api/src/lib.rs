@@ -6,11 +6,13 @@
 //!   the API makes goes through [`app::App`];
 //! - [`proxy`]: sandbox traffic by `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers,
 //!   `<port>-<id>.<domain>` host names, or a signed `/files` URL;
+//! - [`builds`]: E2B's template build API (requests, uploads, status);
 //! - [`lifecycle`]: end times (kill or auto-pause) and usage sampling;
 //! - [`db`]: SQLite or PostgreSQL.
 
 pub mod app;
 pub mod auth;
+pub mod builds;
 pub mod db;
 pub mod error;
 pub mod lifecycle;

@@ -65,6 +65,7 @@ impl Server {
             .map_err(|e| ApiError::Internal(format!("runtime start task: {e}")))??;
         let app = Arc::new(App::new(cfg, db, runtime));
         reconcile(&app).await?;
+        crate::builds::recover(&app).await?;
         let default_team = ensure_team(&app, DEFAULT_TEAM).await?;
         let mut new_key = None;
         if let Some(key) = &app.cfg.api_key {
@@ -233,6 +234,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/templates", get(crate::templates::list))
         .route("/templates/aliases/{alias}", get(crate::templates::alias))
         .route("/templates/{id}", delete(crate::templates::delete))
+        .route("/v3/templates", post(crate::builds::request))
+        .route(
+            "/templates/{id}/files/{hash}",
+            get(crate::builds::file_link).put(crate::builds::upload),
+        )
+        .route(
+            "/v2/templates/{id}/builds/{build}",
+            post(crate::builds::start),
+        )
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(crate::builds::status),
+        )
         .route("/api-keys", get(list_keys).post(create_key))
         .route("/api-keys/{id}", delete(delete_key))
         .fallback(not_found)

@@ -1,5 +1,4 @@
-//! Template endpoints: list, aliases, delete. Builds are in-process tasks
-//! recorded in the database (status and logs).
+//! Template endpoints: list, aliases, delete. Builds are in [`crate::builds`].
 
 use std::sync::Arc;
 
@@ -14,9 +13,7 @@ use crate::db::TemplateRow;
 use crate::error::ApiError;
 use crate::util::rfc3339;
 
-/// Builds running now, by build id.
-#[derive(Default)]
-pub struct Builds(pub std::sync::Mutex<std::collections::HashSet<String>>);
+pub use crate::builds::Builds;
 
 pub fn template_json(t: &TemplateRow) -> Value {
     json!({
@@ -74,6 +71,13 @@ pub async fn delete(
         .await?
         .filter(|t| t.team_id == team.id)
         .ok_or_else(|| ApiError::NotFound(format!("template '{id}' not found")))?;
+    // Requested builds never started do not count: a client may give up.
+    let active = app.db.active_builds_of(&tpl.id).await?;
+    if active.iter().any(|b| app.builds.is_started(b)) {
+        return Err(ApiError::Conflict(format!(
+            "template '{id}' is being built: wait for the build to finish"
+        )));
+    }
     let mut runtime_ids = app.db.builds_of(&tpl.id).await?;
     runtime_ids.extend(tpl.runtime_id.clone());
     let in_use = app.db.runtime_templates_in_use().await?;
