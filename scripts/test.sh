@@ -209,7 +209,7 @@ serve_suites() {
   export E2B_API_KEY="$SERVE_KEY"
   KILN_TEST_OTHER_KEY="$("$KILN_BIN" keys "${SERVE_DB_ARGS[@]}" create --team other 2>/dev/null)"
   KILN_TEST_LIMITED_KEY="$("$KILN_BIN" keys "${SERVE_DB_ARGS[@]}" create --team limited --concurrency 2 2>/dev/null)"
-  export KILN_TEST_OTHER_KEY KILN_TEST_LIMITED_KEY
+  export KILN_TEST_OTHER_KEY KILN_TEST_LIMITED_KEY KILN_BIN
   log "python SDK against kiln serve ($name)"
   set +e
   (
