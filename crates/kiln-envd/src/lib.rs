@@ -56,4 +56,3 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
-

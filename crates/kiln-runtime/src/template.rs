@@ -155,6 +155,9 @@ impl Runtime {
         }
         // Replace (never write through) the hard link, so the base stays intact.
         let target = tmp.join("rootfs/usr/bin/envd");
+        // Minimal images may have no /usr/bin.
+        std::fs::create_dir_all(tmp.join("rootfs/usr/bin"))
+            .map_err(|e| Error::io("creating usr/bin", e))?;
         let _ = std::fs::remove_file(&target);
         std::fs::copy(envd, &target)
             .map_err(|e| Error::io(format!("copying {}", envd.display()), e))?;
