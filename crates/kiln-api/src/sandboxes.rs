@@ -522,17 +522,72 @@ pub async fn logs(
         .filter(|s| s.team_id == team.id)
         .ok_or_else(|| ApiError::sandbox_not_found(&id))?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    let events = app.db.events(&row.id, q.start.unwrap_or(0), limit).await?;
+    let start = q.start.unwrap_or(0);
+    let mut events: Vec<(i64, String, String, &str)> = app
+        .db
+        .events(&row.id, start, limit)
+        .await?
+        .into_iter()
+        .map(|e| (e.ts, e.level, e.message, "kiln"))
+        .collect();
+    // envd's own lines, from the log of the sandbox's current run.
+    if let Ok(path) = app.runtime.sandbox_log_path(&row.id) {
+        events.extend(
+            envd_log_lines(&path)
+                .into_iter()
+                .filter(|(ts, ..)| *ts >= start)
+                .map(|(ts, level, message)| (ts, level, message, "envd")),
+        );
+    }
+    events.sort_by_key(|e| e.0);
+    events.truncate(limit as usize);
     let logs: Vec<Value> = events
         .iter()
-        .map(|e| json!({"timestamp": rfc3339(e.ts), "line": e.message}))
+        .map(|(ts, _, message, _)| json!({"timestamp": rfc3339(*ts), "line": message}))
         .collect();
     let entries: Vec<Value> = events
         .iter()
-        .map(|e| {
-            json!({"timestamp": rfc3339(e.ts), "level": e.level, "message": e.message,
-                   "fields": {"sandboxID": row.id}})
+        .map(|(ts, level, message, source)| {
+            json!({"timestamp": rfc3339(*ts), "level": level, "message": message,
+                   "fields": {"sandboxID": row.id, "source": source}})
         })
         .collect();
     Ok(Json(json!({"logs": logs, "logEntries": entries})))
+}
+
+/// The last lines envd logged (`<RFC 3339> <LEVEL> <target>: <message>`),
+/// as (time in ms, level, message); gVisor's own lines are skipped.
+fn envd_log_lines(path: &std::path::Path) -> Vec<(i64, String, String)> {
+    const TAIL: u64 = 256 * 1024;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut text = String::new();
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        text.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    text.lines()
+        .filter_map(|line| {
+            let (ts, rest) = line.trim().split_once(char::is_whitespace)?;
+            let ts = parse_rfc3339(ts)?;
+            let (level, rest) = rest.trim_start().split_once(char::is_whitespace)?;
+            let level = level.to_ascii_lowercase();
+            let rest = rest.trim();
+            if !matches!(
+                level.as_str(),
+                "error" | "warn" | "info" | "debug" | "trace"
+            ) {
+                return None;
+            }
+            let message = rest
+                .strip_prefix("kiln_envd")
+                .map_or(rest, |r| r.split_once(": ").map_or(r, |(_, m)| m));
+            Some((ts, level, message.to_string()))
+        })
+        .collect()
 }

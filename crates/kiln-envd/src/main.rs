@@ -27,6 +27,8 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Its output goes to a log file on the host, never a terminal.
+        .with_ansi(false)
         .init();
     let addr = SocketAddr::new(args.addr, args.port);
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;

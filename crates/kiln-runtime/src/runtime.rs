@@ -280,6 +280,19 @@ impl Runtime {
         info_of(&record)
     }
 
+    /// The log of the sandbox's current container: envd's own log lines
+    /// (it is the sandbox's init) and gVisor's messages.
+    pub fn sandbox_log_path(&self, id: &str) -> Result<PathBuf, Error> {
+        let entry = self.entry(id)?;
+        let cid = entry
+            .record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cid()
+            .to_string();
+        Ok(self.sandbox_run_dir(&cid).join("runsc.log"))
+    }
+
     /// Blocks until every teardown running in the background has finished
     /// (before a clean shutdown, so nothing is left half-freed).
     pub fn wait_for_teardowns(&self) {

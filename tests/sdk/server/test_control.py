@@ -222,13 +222,17 @@ def test_metrics(sandbox):
 
 def test_logs_record_the_lifecycle(api, sandbox):
     sandbox.pause()
-    Sandbox.connect(sandbox.sandbox_id)
+    Sandbox.connect(sandbox.sandbox_id).commands.run("true")
     r = api.get(f"/sandboxes/{sandbox.sandbox_id}/logs")
     assert r.status_code == 200
     messages = [e["message"] for e in r.json()["logEntries"]]
     assert any("created" in m for m in messages)
     assert any("paused" in m for m in messages)
     assert any("resumed" in m for m in messages)
+    # envd's own log of the sandbox's current run.
+    assert any("process started" in m and "cmd=/bin/bash" in m for m in messages), messages
+    times = [e["timestamp"] for e in r.json()["logEntries"]]
+    assert times == sorted(times)
 
 
 def test_unknown_sandbox_errors(api):

@@ -237,6 +237,8 @@ impl kiln_proto::process::Process for ProcessService {
         env.extend(self.state.env_vars());
         env.extend(config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
 
+        // What the sandbox's log says about this process (see `kiln sandbox logs`).
+        let (log_cmd, log_user) = (config.cmd.clone(), user.name.clone());
         let spawn_config = SpawnConfig {
             cmd: config.cmd.clone(),
             args: config.args.clone(),
@@ -248,6 +250,14 @@ impl kiln_proto::process::Process for ProcessService {
         };
         let tag = request.tag.clone();
         let (proc, subscription) = self.launch(spawn_config, config, tag)?;
+        tracing::info!(pid = proc.pid, cmd = %log_cmd, user = %log_user, "process started");
+        {
+            let proc = Arc::clone(&proc);
+            tokio::spawn(async move {
+                proc.wait_exited().await;
+                tracing::info!(pid = proc.pid, "process ended");
+            });
+        }
 
         // The request timeout is the process's lifetime.
         let deadline = ctx.deadline();
