@@ -19,7 +19,11 @@ now() { date +%s.%N; }
 secs() { echo "scale=2; ($2 - $1) / 1" | bc; }
 pid=""
 cleanup() {
-  [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null && for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if [[ -n "$pid" ]]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
   pkill -KILL -f -- "--root=$dir/run/runsc" 2>/dev/null || true
   sleep 0.5
   ip netns list 2>/dev/null | awk '/^kbt/{print $1}' | xargs -r -n1 ip netns delete 2>/dev/null || true
@@ -30,6 +34,7 @@ trap cleanup EXIT
 {
   t0=$(now)
   bash scripts/build-base-rootfs.sh "$dir/base-rootfs" >/dev/null 2>&1
+  [[ -n "${BENCH_STOP_AFTER_BASE:-}" ]] && exit 0
   t1=$(now)
   echo "base image from nothing (debootstrap + setup): $(secs "$t0" "$t1") s, $(du -sh "$dir/base-rootfs" | cut -f1)"
 
@@ -52,6 +57,7 @@ trap cleanup EXIT
   write_dockerfile() {
     cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM base
+USER root
 ENV APP_HOME=/opt/app
 WORKDIR /opt/app
 COPY data.bin /opt/app/data.bin
@@ -64,12 +70,15 @@ DOCKERFILE
   build() {
     local t0 t1
     t0=$(now)
-    target/release/kiln template build "$ctx" --name bench-app >"$dir/build.log" 2>&1
+    if ! target/release/kiln template build "$ctx" --name bench-app >"$dir/build.log" 2>&1; then
+      tail -n 30 "$dir/build.log" >&2
+      return 1
+    fi
     t1=$(now)
     echo "$1: $(secs "$t0" "$t1") s ($(grep -c CACHED "$dir/build.log" || true) steps cached)"
   }
   write_dockerfile one
-  build "Dockerfile template (7 steps, 20 MB COPY, 2000 files) cold"
+  build "Dockerfile template (8 steps, 20 MB COPY, 2000 files) cold"
   build "rebuilt unchanged"
   write_dockerfile two
   build "rebuilt with the last step changed"

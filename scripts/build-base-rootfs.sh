@@ -11,7 +11,7 @@ set -euo pipefail
 dest=${1:?usage: build-base-rootfs.sh DEST}
 mirror=${KILN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 packages=bash,coreutils,procps,python3,python3-pip,python3-venv,ca-certificates,curl,git,sudo,iproute2,less,nano,iputils-ping,xz-utils,bzip2,locales
-recipe="bookworm minbase $packages user1000-sudo v4"
+recipe="bookworm minbase $packages user1000-sudo profile-euid v5"
 
 if [[ -f "$dest/.kiln-base-recipe" && "$(cat "$dest/.kiln-base-recipe")" == "$recipe" ]]; then
   echo "base rootfs up to date: $dest"
@@ -35,6 +35,9 @@ chroot "$tmp" /bin/sh -c '
   echo "user ALL=(ALL:ALL) NOPASSWD: ALL" >/etc/sudoers.d/kiln-user
   chmod 440 /etc/sudoers.d/kiln-user
   sed -i "s/^# *en_US.UTF-8/en_US.UTF-8/" /etc/locale.gen && locale-gen >/dev/null
+  # The SDKs run every command as `bash -l -c`. /etc/profile spawns `id -u`,
+  # and a process costs ~30 ms in gVisor: bash knows its EUID already.
+  sed -i "s/\"\$(id -u)\"/\"\${EUID:-\$(id -u)}\"/g" /etc/profile
   # Let `pip install` work system-wide, as in E2B templates (PEP 668 marker).
   rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
   apt-get clean

@@ -133,10 +133,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "  export E2B_API_URL=http://{0} E2B_SANDBOX_URL=http://{0}",
         args.listen
     );
-    axum::serve(listener, server.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    // A clean stop waits for requests in flight, but not forever: a proxied
+    // stream (a long-running command's output) may never end on its own.
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let serve = axum::serve(listener, server.router()).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(true);
+    });
+    tokio::select! {
+        result = serve => result.context("serving")?,
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        } => tracing::warn!("connections still open 10 s after the stop signal; closing them"),
+    }
     tracing::info!("stopping: running sandboxes keep running and are adopted at the next start");
     server.shutdown().await;
     Ok(())
