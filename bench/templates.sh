@@ -31,7 +31,8 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-{
+# Everything below also goes to $out (no pipeline: `pid` must stay in this shell).
+exec > >(tee "$out")
   t0=$(now)
   bash scripts/build-base-rootfs.sh "$dir/base-rootfs" >/dev/null 2>&1
   [[ -n "${BENCH_STOP_AFTER_BASE:-}" ]] && exit 0
@@ -84,4 +85,3 @@ DOCKERFILE
   build "rebuilt with the last step changed"
   tpl=$(ls -dt "$dir"/data/templates/*-* | grep -v '/base-' | head -1)
   echo "that template on disk: rootfs $(du -sh "$tpl/rootfs" | cut -f1), snapshot $(du -sh "$tpl/snapshot" | cut -f1); layer cache $(du -sh "$dir/data/cache" 2>/dev/null | cut -f1)"
-} | tee "$out"

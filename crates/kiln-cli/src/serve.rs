@@ -125,9 +125,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("Your API key (shown only now; store it): {key}");
         println!("  export E2B_API_KEY={key}");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    // No Nagle: proxied streams are many small writes, and waiting for the
+    // client's (delayed) ACK between them would add ~40 ms to a command.
+    let listener = axum::serve::ListenerExt::tap_io(
+        tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?,
+        |tcp| {
+            let _ = tcp.set_nodelay(true);
+        },
+    );
     println!("kiln serving on http://{}", args.listen);
     println!(
         "  export E2B_API_URL=http://{0} E2B_SANDBOX_URL=http://{0}",
