@@ -90,6 +90,10 @@ pub async fn require_access_token(
     if has_valid_token(&state, request.headers()) {
         next.run(request).await
     } else {
+        // Take (a bounded part of) what the client is still sending, so it
+        // reads the 401 instead of a broken pipe in the middle of its request.
+        let drain = axum::body::to_bytes(request.into_body(), 1 << 20);
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
         json_error(StatusCode::UNAUTHORIZED, UNAUTHORIZED_MESSAGE)
     }
 }
