@@ -166,7 +166,19 @@ const SANDBOX_COLUMNS: &str = "id, team_id, template_id, alias, runtime_template
      env_vars, access_token, auto_pause, allow_internet, network, cpu, memory_mb, envd_version, \
      started_at, end_at";
 
+/// A query through sqlx's `Any` driver, before it runs.
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
 impl Db {
+    /// One text column of every row a query returns.
+    async fn strings(&self, query: AnyQuery<'_>, column: &str) -> Result<Vec<String>, ApiError> {
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(column))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
+    }
+
     /// Connects (creating an SQLite file if needed) and brings the schema up to date.
     pub async fn connect(url: &str) -> Result<Db, ApiError> {
         sqlx::any::install_default_drivers();
@@ -635,13 +647,12 @@ impl Db {
 
     async fn template_of(&self, r: &AnyRow) -> Result<TemplateRow, ApiError> {
         let id: String = r.try_get("id")?;
-        let aliases = sqlx::query("SELECT alias FROM template_aliases WHERE template_id = $1")
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|a| a.try_get::<String, _>("alias"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let aliases = self
+            .strings(
+                sqlx::query("SELECT alias FROM template_aliases WHERE template_id = $1").bind(&id),
+                "alias",
+            )
+            .await?;
         Ok(TemplateRow {
             id,
             team_id: r.try_get("team_id")?,
@@ -672,14 +683,11 @@ impl Db {
 
     /// Runtime templates that live sandboxes still use.
     pub async fn runtime_templates_in_use(&self) -> Result<Vec<String>, ApiError> {
-        let rows =
-            sqlx::query("SELECT DISTINCT runtime_template FROM sandboxes WHERE state <> 'killed'")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("runtime_template"))
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
+        self.strings(
+            sqlx::query("SELECT DISTINCT runtime_template FROM sandboxes WHERE state <> 'killed'"),
+            "runtime_template",
+        )
+        .await
     }
 
     // --- builds --------------------------------------------------------------
@@ -748,14 +756,12 @@ impl Db {
     }
 
     pub async fn builds_of(&self, template_id: &str) -> Result<Vec<String>, ApiError> {
-        let rows = sqlx::query("SELECT runtime_id FROM template_builds WHERE template_id = $1")
-            .bind(template_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("runtime_id"))
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
+        self.strings(
+            sqlx::query("SELECT runtime_id FROM template_builds WHERE template_id = $1")
+                .bind(template_id),
+            "runtime_id",
+        )
+        .await
     }
 
     pub async fn add_build_log(
@@ -874,29 +880,24 @@ impl Db {
 
     /// Ids of a template's builds that are waiting or running.
     pub async fn active_builds_of(&self, template_id: &str) -> Result<Vec<String>, ApiError> {
-        let rows = sqlx::query(
-            "SELECT id FROM template_builds \
-             WHERE template_id = $1 AND status IN ('waiting', 'building')",
+        self.strings(
+            sqlx::query(
+                "SELECT id FROM template_builds \
+                 WHERE template_id = $1 AND status IN ('waiting', 'building')",
+            )
+            .bind(template_id),
+            "id",
         )
-        .bind(template_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
+        .await
     }
 
     /// Build ids left waiting or building (by a previous run of the server).
     pub async fn unfinished_builds(&self) -> Result<Vec<String>, ApiError> {
-        let rows =
-            sqlx::query("SELECT id FROM template_builds WHERE status IN ('waiting', 'building')")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
+        self.strings(
+            sqlx::query("SELECT id FROM template_builds WHERE status IN ('waiting', 'building')"),
+            "id",
+        )
+        .await
     }
 }
 
