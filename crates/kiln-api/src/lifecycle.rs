@@ -19,6 +19,9 @@ const SAMPLE_TICK: Duration = Duration::from_secs(5);
 /// Samples kept per sandbox (an hour at one per 5 s).
 const SAMPLES_KEPT: usize = 720;
 
+/// Size limit of a sandbox's writable layer, as templates get it today.
+pub const DEFAULT_DISK_MB: u64 = kiln_runtime::Resources::DEFAULT_DISK_MB;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub ts_ms: i64,
@@ -26,6 +29,8 @@ pub struct Sample {
     pub cpu_pct: f64,
     pub mem_used: u64,
     pub mem_total: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
 }
 
 #[derive(Default)]
@@ -74,6 +79,12 @@ pub fn sample_now(app: &App, row: &SandboxRow) {
                 cpu_pct: 0.0,
                 mem_used: stats.memory_bytes,
                 mem_total,
+                disk_used: stats.disk_bytes,
+                disk_total: if stats.disk_limit_bytes > 0 {
+                    stats.disk_limit_bytes
+                } else {
+                    DEFAULT_DISK_MB * 1024 * 1024
+                },
             },
             row.cpu,
         );

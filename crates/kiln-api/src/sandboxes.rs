@@ -152,8 +152,8 @@ fn listed_json(app: &App, s: &SandboxRow) -> Value {
         "endAt": rfc3339(s.end_at),
         "cpuCount": s.cpu,
         "memoryMB": s.memory_mb,
-        // The writable layer lives in the sandbox's memory.
-        "diskSizeMB": s.memory_mb,
+        // The writable layer's limit (it lives in memory, see docs/runtime.md).
+        "diskSizeMB": crate::lifecycle::DEFAULT_DISK_MB,
         "metadata": s.metadata,
         "state": if s.state == "paused" { "paused" } else { "running" },
         "envdVersion": s.envd_version,
@@ -495,8 +495,8 @@ pub async fn metrics(
                 "memUsed": s.mem_used,
                 "memTotal": s.mem_total,
                 "memCache": 0,
-                "diskUsed": 0,
-                "diskTotal": row.memory_mb * 1024 * 1024,
+                "diskUsed": s.disk_used,
+                "diskTotal": s.disk_total,
             })
         })
         .collect();

@@ -21,7 +21,7 @@ pub fn template_json(t: &TemplateRow) -> Value {
         "buildID": t.build_id,
         "cpuCount": t.cpu,
         "memoryMB": t.memory_mb,
-        "diskSizeMB": t.memory_mb,
+        "diskSizeMB": crate::lifecycle::DEFAULT_DISK_MB,
         "public": t.public,
         "aliases": t.aliases,
         "names": t.aliases,

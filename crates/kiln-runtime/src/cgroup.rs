@@ -31,6 +31,10 @@ pub struct SandboxStats {
     pub memory_limit_bytes: u64,
     /// How often the kernel's OOM killer struck inside the cgroup.
     pub oom_kills: u64,
+    /// Bytes in the sandbox's writable layer (0 when it has no limit).
+    pub disk_bytes: u64,
+    /// The writable layer's size limit (0 when it has none).
+    pub disk_limit_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +223,7 @@ impl Cgroup {
                     memory_limit_bytes: read_u64(&memory.join("memory.limit_in_bytes"))?,
                     // Kernels before 4.13 have no oom_kill line.
                     oom_kills: key_value(&read(&oom)?, "oom_kill").unwrap_or(0),
+                    ..Default::default()
                 })
             }
             Cgroup::V2(dir) => {
@@ -231,6 +236,7 @@ impl Cgroup {
                     memory_limit_bytes: read_u64(&dir.join("memory.max"))?,
                     oom_kills: key_value(&read(&dir.join("memory.events"))?, "oom_kill")
                         .unwrap_or(0),
+                    ..Default::default()
                 })
             }
         }
@@ -323,7 +329,12 @@ impl crate::Runtime {
             }
             record.cid().to_string()
         };
-        Ok(usage(&cid)?)
+        let mut stats = usage(&cid)?;
+        if let Some((used, total)) = crate::sandbox::disk::usage(&self.sandbox_run_dir(&cid)) {
+            stats.disk_bytes = used;
+            stats.disk_limit_bytes = total;
+        }
+        Ok(stats)
     }
 }
 
@@ -417,6 +428,7 @@ mod tests {
                 memory_bytes: 4096,
                 memory_limit_bytes: u64::MAX,
                 oom_kills: 1,
+                ..Default::default()
             }
         );
         std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();

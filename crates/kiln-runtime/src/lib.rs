@@ -72,3 +72,8 @@ impl Error {
         }
     }
 }
+
+/// Version of what a snapshot made by this runtime contains. 2: the writable
+/// layer lives on a size-limited tmpfs (`sandbox/disk.rs`); snapshots of
+/// format 1 (in-memory layer) still restore, without the limit.
+pub const SNAPSHOT_FORMAT: u32 = 2;

@@ -41,8 +41,8 @@ pub enum ContainerStatus {
 
 impl Runsc {
     fn command(&self) -> Command {
-        // The writable layer lives in sandbox memory, so checkpoints
-        // capture it and the template rootfs is never modified.
+        // Only `run` and `restore` read the overlay flag; the others talk to
+        // a sandbox that has its own.
         self.command_with_overlay("root:memory")
     }
 
@@ -148,25 +148,45 @@ impl Runsc {
         }
     }
 
-    /// Starts a new sandbox from `bundle` (detached).
-    pub fn run(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), Error> {
+    /// Starts a new sandbox from `bundle` (detached), its writable layer
+    /// where `overlay` (an `--overlay2` value) says, and its host pid written
+    /// to `pid_file`.
+    pub fn run(
+        &self,
+        id: &str,
+        bundle: &Path,
+        overlay: &str,
+        pid_file: &Path,
+        log: &Path,
+    ) -> Result<(), Error> {
         let args: Vec<&OsStr> = vec![
             "run".as_ref(),
             "--detach".as_ref(),
+            "--pid-file".as_ref(),
+            pid_file.as_os_str(),
             "--bundle".as_ref(),
             bundle.as_os_str(),
             id.as_ref(),
         ];
-        self.exec("run", &args, log, true, Duration::from_secs(60))
+        let cmd = self.command_with_overlay(overlay);
+        self.exec_with(cmd, "run", &args, log, true, Duration::from_secs(60))
     }
 
     /// Starts a new sandbox from `bundle` (detached) without gVisor's
     /// overlay: its writes go straight to the rootfs on the host. Template
     /// builds use it, with a host overlayfs mount as the rootfs.
-    pub fn run_without_overlay(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), Error> {
+    pub fn run_without_overlay(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        log: &Path,
+    ) -> Result<(), Error> {
         let args: Vec<&OsStr> = vec![
             "run".as_ref(),
             "--detach".as_ref(),
+            "--pid-file".as_ref(),
+            pid_file.as_os_str(),
             "--bundle".as_ref(),
             bundle.as_os_str(),
             id.as_ref(),
@@ -175,18 +195,30 @@ impl Runsc {
         self.exec_with(cmd, "run", &args, log, true, Duration::from_secs(60))
     }
 
-    /// Restores a sandbox from a checkpoint image (detached).
-    pub fn restore(&self, id: &str, bundle: &Path, image: &Path, log: &Path) -> Result<(), Error> {
+    /// Restores a sandbox from a checkpoint image (detached); `overlay` must
+    /// be the medium the checkpoint was taken with.
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        image: &Path,
+        overlay: &str,
+        pid_file: &Path,
+        log: &Path,
+    ) -> Result<(), Error> {
         let args: Vec<&OsStr> = vec![
             "restore".as_ref(),
             "--detach".as_ref(),
+            "--pid-file".as_ref(),
+            pid_file.as_os_str(),
             "--bundle".as_ref(),
             bundle.as_os_str(),
             "--image-path".as_ref(),
             image.as_os_str(),
             id.as_ref(),
         ];
-        self.exec("restore", &args, log, true, Duration::from_secs(120))
+        let cmd = self.command_with_overlay(overlay);
+        self.exec_with(cmd, "restore", &args, log, true, Duration::from_secs(120))
     }
 
     /// Checkpoints a sandbox into `image`; the sandbox stops afterwards.

@@ -216,6 +216,11 @@ impl Runtime {
         &self.cfg
     }
 
+    /// The node's network slots (e.g. to see which are kept ready ahead).
+    pub fn network(&self) -> &Arc<NetworkManager> {
+        &self.net
+    }
+
     pub(crate) fn sandbox_data_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("sandboxes").join(id)
     }

@@ -3,8 +3,11 @@
 //! envd is the sandbox's init (PID 1): processes started by `runsc exec` that
 //! are alive at checkpoint time break restore, so envd starts and owns every
 //! process. The template's root filesystem is shared by all of its sandboxes
-//! and never written: gVisor's `--overlay2=root:memory` keeps each sandbox's
-//! writes in its own memory (a read-only root would disable that overlay).
+//! and never written: gVisor's overlay keeps each sandbox's writes in a file
+//! on a size-limited tmpfs of its own (`--overlay2=root:dir=…`, see
+//! [`crate::sandbox::create`]; a read-only root would disable that overlay).
+//! `/tmp` is a tmpfs of the same size (gVisor would mount an unlimited one
+//! there otherwise).
 
 use std::path::Path;
 
@@ -17,6 +20,19 @@ pub struct Resources {
     pub memory_mb: u64,
     /// Most processes and threads inside the sandbox at once.
     pub pids: i64,
+    /// Size limit of the writable layer (everything the sandbox writes to its
+    /// filesystem). It lives in memory and counts toward `memory_mb` too.
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u64,
+}
+
+fn default_disk_mb() -> u64 {
+    Resources::DEFAULT_DISK_MB
+}
+
+impl Resources {
+    /// The writable layer's default size limit.
+    pub const DEFAULT_DISK_MB: u64 = 1024;
 }
 
 impl Default for Resources {
@@ -25,6 +41,7 @@ impl Default for Resources {
             vcpus: 2,
             memory_mb: 512,
             pids: 4096,
+            disk_mb: Self::DEFAULT_DISK_MB,
         }
     }
 }
@@ -86,7 +103,7 @@ pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources
             { "destination": "/sys", "type": "sysfs", "source": "sysfs",
               "options": ["nosuid", "noexec", "nodev", "ro"] },
             { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-              "options": ["nosuid", "nodev", "mode=1777"] }
+              "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", resources.disk_mb.max(1))] }
         ],
         "linux": {
             "namespaces": [

@@ -253,8 +253,8 @@ impl Runtime {
             tokio::task::spawn_blocking(move || rt.runsc.checkpoint(&cid2, &tmp2, &log))
                 .await
                 .map_err(|e| Error::io("checkpoint task", std::io::Error::other(e)))??;
-            std::fs::write(tmp.join("complete"), b"")
-                .map_err(|e| Error::io("marking snapshot", e))?;
+            let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
+            crate::sandbox::disk::mark_complete(&tmp, medium)?;
             let _ = std::fs::remove_dir_all(&snapshot);
             std::fs::rename(&tmp, &snapshot).map_err(|e| Error::io("renaming snapshot", e))?;
             Ok(())

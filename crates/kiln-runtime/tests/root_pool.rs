@@ -170,12 +170,19 @@ fn containers(dir: &Path) -> HashSet<String> {
         .collect()
 }
 
-fn our_netns() -> Vec<String> {
+/// netns of this node's sandboxes (not the slots kept ready ahead).
+fn our_netns(rt: &Runtime) -> Vec<String> {
+    let spare: Vec<String> = rt
+        .network()
+        .spare_slots()
+        .into_iter()
+        .map(|s| s.netns_name)
+        .collect();
     std::fs::read_dir("/var/run/netns")
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(PREFIX))
+                .filter(|n| n.starts_with(PREFIX) && !spare.contains(n))
                 .collect()
         })
         .unwrap_or_default()
@@ -190,13 +197,13 @@ async fn assert_pool_gone(node: &Node, live: &[&str]) {
     // Teardowns the runtime started in the background (a discarded broken
     // sandbox, the snapshot's container) may still be finishing.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while (containers(&node.dir) != expect || our_netns().len() != live.len())
+    while (containers(&node.dir) != expect || our_netns(rt).len() != live.len())
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(containers(&node.dir), expect, "only live sandboxes remain");
-    assert_eq!(our_netns().len(), live.len(), "{:?}", our_netns());
+    assert_eq!(our_netns(rt).len(), live.len(), "{:?}", our_netns(rt));
 }
 
 #[test]
@@ -276,7 +283,7 @@ fn root_pool_fills_frozen_hands_out_and_refills() {
         rt.kill_and_wait(&a.id).await.unwrap();
         rt.kill_and_wait(&b.id).await.unwrap();
         assert!(containers(&node.dir).is_empty());
-        assert!(our_netns().is_empty(), "{:?}", our_netns());
+        assert!(our_netns(rt).is_empty(), "{:?}", our_netns(rt));
     });
 }
 
@@ -349,6 +356,6 @@ fn root_pool_survives_broken_sandboxes_and_snapshot_refresh() {
         assert_pool_gone(node, &[&b.id]).await;
         rt.kill_and_wait(&b.id).await.unwrap();
         assert!(containers(&node.dir).is_empty());
-        assert!(our_netns().is_empty(), "{:?}", our_netns());
+        assert!(our_netns(rt).is_empty(), "{:?}", our_netns(rt));
     });
 }

@@ -153,6 +153,7 @@ fn root_create_run_and_kill() {
         rt.kill_and_wait(&other.id).await.unwrap();
         assert!(rt.info(&id).is_err());
         assert!(rt.list().iter().all(|s| s.id != id));
+        let spare = spare_names(rt);
         let leftovers: Vec<_> = std::fs::read_dir(&netns)
             .map(|d| {
                 d.flatten()
@@ -161,7 +162,9 @@ fn root_create_run_and_kill() {
             })
             .unwrap_or_default();
         assert!(
-            leftovers.iter().all(|n: &String| !n.starts_with("krt")),
+            leftovers
+                .iter()
+                .all(|n: &String| !n.starts_with("krt") || spare.contains(n)),
             "{leftovers:?}"
         );
         assert!(rt.kill(&id).await.is_err(), "killing twice must fail");
@@ -292,9 +295,23 @@ fn root_bad_requests_get_clear_errors() {
     });
 }
 
+/// netns and host veth names of the slots kept ready ahead (not leftovers).
+fn spare_names(rt: &Runtime) -> Vec<String> {
+    let spare = rt.network().spare_slots();
+    assert!(
+        spare.len() <= test_network().spare_slots as usize,
+        "{spare:?}"
+    );
+    spare
+        .iter()
+        .flat_map(|s| [s.netns_name.clone(), s.netns_name.replacen("-s", "-h", 1)])
+        .collect()
+}
+
 /// What a sandbox could leave behind on the host, for sandboxes of this node.
 fn leftovers(node: &Node, ids: &[String]) -> Vec<String> {
     let mut found = Vec::new();
+    let spare = spare_names(&node.rt);
     let names = |dir: &str| -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|d| {
@@ -307,13 +324,13 @@ fn leftovers(node: &Node, ids: &[String]) -> Vec<String> {
     found.extend(
         names("/var/run/netns")
             .into_iter()
-            .filter(|n| n.starts_with("krt-"))
+            .filter(|n| n.starts_with("krt-") && !spare.contains(n))
             .map(|n| format!("netns {n}")),
     );
     found.extend(
         names("/sys/class/net")
             .into_iter()
-            .filter(|n| n.starts_with("krt-"))
+            .filter(|n| n.starts_with("krt-") && !spare.contains(n))
             .map(|n| format!("interface {n}")),
     );
     for sub in ["run/sandboxes", "data/sandboxes"] {
@@ -334,6 +351,14 @@ fn leftovers(node: &Node, ids: &[String]) -> Vec<String> {
             .lines()
             .filter(|l| l.trim_start().starts_with("chain sbx-"))
             .map(|l| format!("nft {}", l.trim())),
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let run_dir = node.dir.join("run");
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(run_dir.to_str().unwrap()))
+            .map(|l| format!("mount {l}")),
     );
     let ps = std::process::Command::new("ps")
         .args(["-eo", "args"])
@@ -385,6 +410,75 @@ fn root_create_kill_cycles_leave_nothing_behind() {
             "left behind after {cycles} create/kill cycles: {left:?}"
         );
     });
+}
+
+#[test]
+fn root_writable_layer_is_size_limited() {
+    let (node, _g) = node();
+    let rt = &node.rt;
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let mut meta = TemplateMeta::new("small-disk");
+    meta.resources.disk_mb = 64;
+    rt.create_template(&meta, base.as_ref(), envd.as_ref())
+        .unwrap();
+    TOKIO.block_on(async {
+        rt.snapshot_template("small-disk").await.unwrap();
+        let req = CreateRequest {
+            template_id: "small-disk".into(),
+            ..create_req(&[])
+        };
+        let sbx = rt.create(req).await.unwrap();
+        let id = sbx.id.as_str();
+        let client = rt.envd(id).unwrap();
+        let write = |path: &'static str| {
+            let client = client.clone();
+            async move {
+                client
+                    .run(
+                        &format!("dd if=/dev/zero of={path} bs=1M count=100 2>&1; echo rc=$?; stat -c %s {path}"),
+                        "user",
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        // Past the limit: the write fails, the file stops short, the sandbox lives.
+        let out = write("/home/user/big").await;
+        assert!(!out.stdout.contains("rc=0"), "100 MiB fit in a 64 MiB layer: {out:?}");
+        let size: u64 = out.stdout.lines().last().unwrap().trim().parse().unwrap();
+        assert!(size <= 64 * 1024 * 1024, "{out:?}");
+        let stats = rt.stats(id).unwrap();
+        assert_eq!(stats.disk_limit_bytes, 64 * 1024 * 1024, "{stats:?}");
+        assert!(stats.disk_bytes > 32 * 1024 * 1024, "{stats:?}");
+        // /tmp (a tmpfs of its own) has the same limit.
+        let out = write("/tmp/big").await;
+        assert!(!out.stdout.contains("rc=0"), "{out:?}");
+        // Freed space can be used again.
+        run(rt, id, "rm -f /home/user/big /tmp/big; echo kept > /home/user/kept").await;
+        let out = run(rt, id, "dd if=/dev/zero of=/tmp/ok bs=1M count=20 2>&1; cat /home/user/kept").await;
+        assert!(out.stdout.contains("kept"), "{out:?}");
+        // The limit and the files survive a pause and resume.
+        rt.pause(id).await.unwrap();
+        rt.resume(id).await.unwrap();
+        let out = run(rt, id, "cat /home/user/kept; stat -c %s /tmp/ok").await;
+        assert_eq!(out.stdout, format!("kept\n{}\n", 20 * 1024 * 1024));
+        let client = rt.envd(id).unwrap();
+        let out = client
+            .run(
+                "dd if=/dev/zero of=/home/user/big bs=1M count=100 2>&1; echo rc=$?",
+                "user",
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert!(!out.stdout.contains("rc=0"), "after resume: {out:?}");
+        assert_eq!(rt.stats(id).unwrap().disk_limit_bytes, 64 * 1024 * 1024);
+        rt.kill_and_wait(id).await.unwrap();
+    });
+    rt.delete_template("small-disk").unwrap();
 }
 
 #[test]

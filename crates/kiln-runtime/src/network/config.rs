@@ -36,6 +36,9 @@ pub struct NetworkConfig {
     /// Interface that sandbox traffic is masqueraded out of. `None`: the interface of the
     /// host's IPv4 default route at init time, or every non-sandbox interface if there is none.
     pub egress_interface: Option<String>,
+    /// Slots kept ready ahead (netns, veth and addresses made; no sandbox yet), so that an
+    /// acquire only adds the slot's rules. Released slots are reused for them.
+    pub spare_slots: u32,
 }
 
 impl Default for NetworkConfig {
@@ -46,6 +49,7 @@ impl Default for NetworkConfig {
             table_name: "kiln".to_string(),
             name_prefix: "kiln".to_string(),
             egress_interface: None,
+            spare_slots: 4,
         }
     }
 }
@@ -96,6 +100,7 @@ pub(crate) struct Layout {
     pub egress_interface: Option<String>,
     /// Number of usable slots: indices `0..max_slots`.
     pub max_slots: u32,
+    pub spare_slots: u32,
 }
 
 impl Layout {
@@ -162,6 +167,7 @@ impl Layout {
             prefix: prefix.clone(),
             egress_interface,
             max_slots: by_subnet,
+            spare_slots: cfg.spare_slots,
         })
     }
 

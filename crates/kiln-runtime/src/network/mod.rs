@@ -3,16 +3,23 @@
 //! Every sandbox gets a slot `n`: a netns `<prefix>-s<n>` holding `eth0` (sandbox_ip, a /30 out
 //! of the subnet) whose peer `<prefix>-h<n>` on the host carries host_ip, the default gateway.
 //! One nft table (`inet kiln` by default) enforces the isolation rules; see `docs/network.md`.
+//!
+//! A few slots are kept ready ahead ([`NetworkConfig::spare_slots`]): their netns, veth pair
+//! and addresses exist, but no rules, so no traffic passes. An acquire takes one and only adds
+//! its rules; a background thread makes new ones. A released slot loses its rules, gets its
+//! addresses back (gVisor's netstack takes them off `eth0`) and becomes a spare again, at the
+//! back of the queue, so a just-freed address is reused last.
 
 mod cmd;
 mod config;
 mod error;
 mod nft;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -29,10 +36,18 @@ pub struct NetworkManager {
     /// Serializes nft transactions (each is atomic, but ordering between threads matters for
     /// table recreation versus per-slot changes).
     nft_lock: Mutex<()>,
+    /// A thread is making spare slots.
+    refilling: AtomicBool,
+    /// Set by [`shutdown`](Self::shutdown): no more spares are made.
+    closed: AtomicBool,
 }
 
 struct Slots {
     active: BTreeMap<u32, EgressPolicy>,
+    /// Ready slots, oldest first.
+    spare: VecDeque<u32>,
+    /// Indices being made into spares right now.
+    making: HashSet<u32>,
     /// Where the next search for a free index starts. Round-robin, so a just-released index
     /// (whose conntrack entries may linger) is not handed out again immediately.
     next: u32,
@@ -93,9 +108,13 @@ impl NetworkManager {
             layout,
             slots: Mutex::new(Slots {
                 active: in_use.iter().map(|(i, p)| (*i, p.clone())).collect(),
+                spare: VecDeque::new(),
+                making: HashSet::new(),
                 next: in_use.keys().max().map_or(0, |m| m + 1),
             }),
             nft_lock: Mutex::new(()),
+            refilling: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         };
         let keep: HashSet<u32> = in_use.keys().copied().collect();
         mgr.sweep(&keep)?;
@@ -130,7 +149,9 @@ impl NetworkManager {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "network manager ready"
         );
-        Ok(Arc::new(mgr))
+        let mgr = Arc::new(mgr);
+        mgr.refill();
+        Ok(mgr)
     }
 
     /// Address sandboxes use as their resolver (`nameserver` in their resolv.conf).
@@ -149,21 +170,79 @@ impl NetworkManager {
         lock(&self.slots).active.keys().copied().collect()
     }
 
-    /// Creates a netns with a veth pair, addresses, default route via the host side, loopback
-    /// up, and this slot's egress rules.
-    pub fn acquire(&self, policy: &EgressPolicy) -> Result<Slot, NetworkError> {
+    /// Slots kept ready for the next acquires, oldest first.
+    pub fn spare_slots(&self) -> Vec<Slot> {
+        let spare: Vec<u32> = lock(&self.slots).spare.iter().copied().collect();
+        spare.into_iter().map(|i| self.layout.slot(i)).collect()
+    }
+
+    /// A free index (neither in use, spare, nor being made), reserved with `reserve`.
+    fn take_free_index(
+        &self,
+        slots: &mut Slots,
+        reserve: impl FnOnce(&mut Slots, u32),
+    ) -> Result<u32, NetworkError> {
+        let max = self.layout.max_slots;
+        let start = slots.next % max;
+        let index = (0..max)
+            .map(|i| (start + i) % max)
+            .find(|i| {
+                !slots.active.contains_key(i)
+                    && !slots.making.contains(i)
+                    && !slots.spare.contains(i)
+            })
+            .ok_or(NetworkError::Exhausted(max))?;
+        reserve(slots, index);
+        slots.next = (index + 1) % max;
+        Ok(index)
+    }
+
+    /// A slot for a sandbox: a spare one when there is one (only its egress rules are added),
+    /// else a new netns with a veth pair, addresses, default route via the host side, loopback
+    /// up, and the rules. Either way the guest side is configured and ready for runsc.
+    pub fn acquire(self: &Arc<Self>, policy: &EgressPolicy) -> Result<Slot, NetworkError> {
         let started = Instant::now();
+        let spare = {
+            let mut slots = lock(&self.slots);
+            let index = slots.spare.pop_front();
+            if let Some(index) = index {
+                slots.active.insert(index, policy.clone());
+            }
+            index
+        };
+        if let Some(index) = spare {
+            self.refill();
+            let added = {
+                let _nft = lock(&self.nft_lock);
+                cmd::nft(
+                    &nft::slot_script(&self.layout, index, policy),
+                    &format!("adding nft rules of slot {index}"),
+                )
+            };
+            return match added {
+                Ok(()) => {
+                    tracing::debug!(
+                        index,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "spare network slot acquired"
+                    );
+                    Ok(self.layout.slot(index))
+                }
+                Err(err) => {
+                    tracing::warn!(index, %err, "adding rules to a spare slot failed");
+                    if self.destroy_slot(index).is_ok() {
+                        lock(&self.slots).active.remove(&index);
+                    }
+                    Err(err)
+                }
+            };
+        }
         let index = {
             let mut slots = lock(&self.slots);
-            let max = self.layout.max_slots;
-            let start = slots.next % max;
-            let index = (0..max)
-                .map(|i| (start + i) % max)
-                .find(|i| !slots.active.contains_key(i))
-                .ok_or(NetworkError::Exhausted(max))?;
-            slots.active.insert(index, policy.clone());
-            slots.next = (index + 1) % max;
-            index
+            let policy = policy.clone();
+            self.take_free_index(&mut slots, move |s, i| {
+                s.active.insert(i, policy);
+            })?
         };
         match self.build_slot(index, policy) {
             Ok(()) => {
@@ -230,10 +309,62 @@ impl NetworkManager {
         Ok(())
     }
 
-    /// Deletes the netns, veth and the slot's rules; the index becomes free. Idempotent.
+    /// Removes the slot's rules and makes it the newest spare (addresses restored); when that
+    /// makes one spare too many, the oldest is deleted. Without spares, its netns and veth are
+    /// deleted and the index is free. Idempotent.
     pub fn release(&self, index: u32) -> Result<(), NetworkError> {
         self.layout.check_index(index)?;
         let started = Instant::now();
+        let reuse = self.layout.spare_slots > 0
+            && !self.closed.load(Ordering::SeqCst)
+            && lock(&self.slots).active.contains_key(&index);
+        if reuse {
+            let reused = {
+                let _nft = lock(&self.nft_lock);
+                cmd::nft(
+                    &nft::slot_remove_script(&self.layout, index),
+                    &format!("removing nft rules of slot {index}"),
+                )
+            }
+            .and_then(|()| {
+                if self.links_exist(index) {
+                    self.configure_guest(index)
+                } else {
+                    Err(NetworkError::UnknownSlot(index))
+                }
+            });
+            match reused {
+                Ok(()) => {
+                    let extra = {
+                        let mut slots = lock(&self.slots);
+                        slots.active.remove(&index);
+                        slots.spare.push_back(index);
+                        let have = (slots.spare.len() + slots.making.len()) as u32;
+                        let extra = (have > self.layout.spare_slots)
+                            .then(|| slots.spare.pop_front())
+                            .flatten();
+                        // Reserved while it is deleted, so no acquire builds on top of it.
+                        if let Some(extra) = extra {
+                            slots.making.insert(extra);
+                        }
+                        extra
+                    };
+                    if let Some(extra) = extra {
+                        if let Err(err) = self.teardown_links(extra) {
+                            tracing::warn!(index = extra, %err, "deleting a surplus spare slot failed");
+                        }
+                        lock(&self.slots).making.remove(&extra);
+                    }
+                    tracing::debug!(
+                        index,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "network slot released as a spare"
+                    );
+                    return Ok(());
+                }
+                Err(err) => tracing::warn!(index, %err, "cannot reuse the slot; deleting it"),
+            }
+        }
         self.destroy_slot(index)?;
         lock(&self.slots).active.remove(&index);
         tracing::debug!(
@@ -244,9 +375,72 @@ impl NetworkManager {
         Ok(())
     }
 
+    /// Makes spare slots in the background until there are `spare_slots` of them.
+    fn refill(self: &Arc<Self>) {
+        if self.layout.spare_slots == 0
+            || self.closed.load(Ordering::SeqCst)
+            || self.refilling.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let mgr = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-net-spares".into())
+            .spawn(move || {
+                loop {
+                    let index = {
+                        let mut slots = lock(&mgr.slots);
+                        let have = (slots.spare.len() + slots.making.len()) as u32;
+                        if have >= mgr.layout.spare_slots || mgr.closed.load(Ordering::SeqCst) {
+                            None
+                        } else {
+                            mgr.take_free_index(&mut slots, |s, i| {
+                                s.making.insert(i);
+                            })
+                            .ok()
+                        }
+                    };
+                    let Some(index) = index else { break };
+                    let made = if mgr.links_exist_any(index) {
+                        mgr.teardown_links(index)
+                            .and_then(|()| mgr.create_links(index))
+                    } else {
+                        mgr.create_links(index)
+                    };
+                    let mut slots = lock(&mgr.slots);
+                    slots.making.remove(&index);
+                    match made {
+                        Ok(()) if !mgr.closed.load(Ordering::SeqCst) => {
+                            slots.spare.push_back(index);
+                        }
+                        Ok(()) => {
+                            drop(slots);
+                            let _ = mgr.teardown_links(index);
+                        }
+                        Err(err) => {
+                            drop(slots);
+                            tracing::warn!(index, %err, "making a spare network slot failed");
+                            let _ = mgr.teardown_links(index);
+                            break;
+                        }
+                    }
+                }
+                mgr.refilling.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.refilling.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// Removes the whole nft table and every slot of this prefix (tests, `kiln serve` shutdown).
     /// ip_forward is left on: other software on the host may rely on it.
     pub fn shutdown(&self) -> Result<(), NetworkError> {
+        self.closed.store(true, Ordering::SeqCst);
+        // A spare being made right now must not outlive the sweep.
+        let waited = Instant::now();
+        while self.refilling.load(Ordering::SeqCst) && waited.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let mut slots = lock(&self.slots);
         let _nft = lock(&self.nft_lock);
         cmd::nft(
@@ -255,6 +449,7 @@ impl NetworkManager {
         )?;
         self.sweep(&HashSet::new())?;
         slots.active.clear();
+        slots.spare.clear();
         tracing::info!(table = %self.layout.table, "network manager shut down");
         Ok(())
     }

@@ -12,6 +12,7 @@ use crate::runtime::{
     CreateRequest, Entry, Runtime, SandboxInfo, SandboxRecord, SandboxState, info_of,
     new_sandbox_id, save_record, valid_sandbox_id,
 };
+use crate::sandbox::disk::{self, Medium};
 use crate::template::TemplateMeta;
 
 /// A container that is up and whose envd answers.
@@ -47,19 +48,17 @@ pub(crate) async fn boot_with(
     egress: &EgressPolicy,
     build: Option<&crate::sandbox::build::BuildMounts>,
 ) -> Result<Booted, Error> {
+    let t0 = std::time::Instant::now();
     let net = rt.net.clone();
     let policy = egress.clone();
-    let slot = tokio::task::spawn_blocking(move || -> Result<Slot, Error> {
-        let slot = net.acquire(&policy)?;
-        if let Err(e) = net.prepare(&slot) {
-            let _ = net.release(slot.index);
-            return Err(e.into());
-        }
-        Ok(slot)
-    })
-    .await
-    .map_err(|e| Error::io("network task", std::io::Error::other(e)))??;
+    // Its guest side is configured (gVisor's netstack takes the address off
+    // `eth0`; a reused slot gets it back when released).
+    let slot =
+        tokio::task::spawn_blocking(move || -> Result<Slot, Error> { Ok(net.acquire(&policy)?) })
+            .await
+            .map_err(|e| Error::io("network task", std::io::Error::other(e)))??;
 
+    let t_slot = t0.elapsed();
     let run_dir = rt.sandbox_run_dir(cid);
     let bundle = run_dir.join("bundle");
     let log = run_dir.join("runsc.log");
@@ -68,23 +67,43 @@ pub(crate) async fn boot_with(
         build.apply(&mut spec);
     }
     let without_overlay = build.is_some();
+    // A restore must use the medium its checkpoint was taken with.
+    let medium = image.map_or(Medium::LimitedDir, disk::snapshot_medium);
+    let pid_file = run_dir.join("pid");
     let started =
         crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e));
     let started = match started {
         Ok(()) => {
-            let (rt2, cid2, bundle2, log2) =
-                (rt.clone(), cid.to_string(), bundle.clone(), log.clone());
+            let (rt2, cid2, bundle2, log2, run_dir2, pid_file2) = (
+                rt.clone(),
+                cid.to_string(),
+                bundle.clone(),
+                log.clone(),
+                run_dir.clone(),
+                pid_file.clone(),
+            );
             let image = image.map(Path::to_path_buf);
-            tokio::task::spawn_blocking(move || match image {
-                Some(image) => rt2.runsc.restore(&cid2, &bundle2, &image, &log2),
-                None if without_overlay => rt2.runsc.run_without_overlay(&cid2, &bundle2, &log2),
-                None => rt2.runsc.run(&cid2, &bundle2, &log2),
+            let disk_mb = resources.disk_mb;
+            tokio::task::spawn_blocking(move || {
+                if without_overlay {
+                    return rt2
+                        .runsc
+                        .run_without_overlay(&cid2, &bundle2, &pid_file2, &log2);
+                }
+                let overlay = disk::prepare(&run_dir2, medium, disk_mb)?;
+                match image {
+                    Some(image) => rt2
+                        .runsc
+                        .restore(&cid2, &bundle2, &image, &overlay, &pid_file2, &log2),
+                    None => rt2.runsc.run(&cid2, &bundle2, &overlay, &pid_file2, &log2),
+                }
             })
             .await
             .map_err(|e| Error::io("runsc task", std::io::Error::other(e)))?
         }
         Err(e) => Err(e),
     };
+    let t_runsc = t0.elapsed();
     let client = EnvdClient::new(SocketAddr::new(slot.sandbox_ip.into(), ENVD_PORT), None);
     let healthy = match started {
         Ok(()) => client.wait_healthy(Duration::from_secs(20)).await,
@@ -102,13 +121,20 @@ pub(crate) async fn boot_with(
         crate::sandbox::destroy::teardown_container(rt, cid, Some(slot.index));
         return Err(e);
     }
-    let pid = {
-        let (rt, cid) = (rt.clone(), cid.to_string());
-        tokio::task::spawn_blocking(move || rt.runsc.pid(&cid))
-            .await
-            .ok()
-            .flatten()
-    };
+    // runsc wrote the host pid of `runsc-sandbox` (what `runsc state` says).
+    let pid = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| *p > 0);
+    tracing::debug!(
+        container = %cid,
+        restore = image.is_some(),
+        ?medium,
+        slot_ms = t_slot.as_secs_f64() * 1e3,
+        runsc_ms = (t_runsc - t_slot).as_secs_f64() * 1e3,
+        healthy_ms = (t0.elapsed() - t_runsc).as_secs_f64() * 1e3,
+        "container booted"
+    );
     Ok(Booted {
         slot,
         pid,
@@ -164,6 +190,7 @@ impl Runtime {
             map.insert(id.clone(), entry.clone());
         }
         let _op = entry.op.lock().await;
+        let started = std::time::Instant::now();
         let rootfs = self.template_rootfs(&meta.id);
         // The template's variables, overridden by the request's.
         let mut env_vars: std::collections::HashMap<String, String> =
@@ -209,7 +236,11 @@ impl Runtime {
                 record.slot = Some(slot);
                 record.pid = pid;
                 save_record(&self.sandbox_data_dir(&id), &record)?;
-                tracing::info!("sandbox running");
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    pooled = record.container_id != id,
+                    "sandbox running"
+                );
                 Ok(info_of(&record))
             }
             Err(e) => {

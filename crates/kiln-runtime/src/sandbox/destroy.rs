@@ -19,6 +19,7 @@ pub(crate) fn teardown_blocking(rt: &Runtime, cid: &str, slot: Option<u32>) {
     {
         tracing::warn!(container = %cid, error = %e, "runsc delete failed");
     }
+    crate::sandbox::disk::release(&run_dir);
     if let Some(index) = slot
         && let Err(e) = rt.net.release(index)
     {

@@ -3,6 +3,7 @@
 pub mod build;
 pub mod create;
 pub mod destroy;
+pub(crate) mod disk;
 pub mod pause;
 pub mod pool;
 pub mod recover;

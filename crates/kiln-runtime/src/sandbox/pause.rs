@@ -51,7 +51,8 @@ impl Runtime {
             tracing::warn!(error = %e, "pause failed");
             return Err(e);
         }
-        std::fs::write(tmp.join("complete"), b"").map_err(|e| Error::io("marking snapshot", e))?;
+        let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
+        crate::sandbox::disk::mark_complete(&tmp, medium)?;
         let _ = std::fs::remove_dir_all(&image);
         std::fs::rename(&tmp, &image).map_err(|e| Error::io("renaming snapshot", e))?;
         {

@@ -88,5 +88,17 @@ pub(crate) fn recover(rt: &Arc<Runtime>, records: Vec<SandboxRecord>) {
             crate::sandbox::destroy::teardown_blocking(rt, &cid, None);
         }
     }
+    // Run dirs of containers that never started (e.g. a crash during a
+    // boot): their writable-layer mounts must go too.
+    if let Ok(dirs) = std::fs::read_dir(rt.cfg.run_dir.join("sandboxes")) {
+        for dir in dirs.flatten() {
+            let cid = dir.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&cid) {
+                tracing::warn!(container = %cid, "removing a stale run dir");
+                crate::sandbox::disk::release(&dir.path());
+                let _ = std::fs::remove_dir_all(dir.path());
+            }
+        }
+    }
     *rt.sandboxes.lock().unwrap_or_else(|e| e.into_inner()) = kept;
 }
