@@ -303,18 +303,6 @@ async fn restore_one(rt: &Arc<Runtime>, template_id: &str) -> Result<Pooled, Err
         &EgressPolicy::default(),
     )
     .await?;
-    if std::env::var_os("KILN_POOL_WARMUP").is_some() {
-        let t = Instant::now();
-        let r = booted
-            .client
-            .run("true", &meta.user, std::time::Duration::from_secs(10))
-            .await;
-        tracing::debug!(
-            ok = r.is_ok(),
-            took_ms = t.elapsed().as_secs_f64() * 1e3,
-            "pool warm-up"
-        );
-    }
     let (slot, pid) = (booted.slot, booted.pid);
     let c = cid.clone();
     if let Err(e) = blocking(move || crate::cgroup::freeze(&c).map_err(Error::from)).await {
