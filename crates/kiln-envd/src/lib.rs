@@ -13,6 +13,7 @@ pub mod paths;
 pub mod process;
 pub mod reaper;
 pub mod state;
+pub mod sudo;
 pub mod users;
 
 use std::future::Future;

@@ -21,6 +21,16 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Templates link `sudo` to envd (see `kiln_envd::sudo`).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = argv
+        .first()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "sudo");
+    if called {
+        std::process::exit(kiln_envd::sudo::client_main(argv));
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -42,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_time()
         .build()?;
+    kiln_envd::sudo::serve();
     let state = kiln_envd::EnvdState::new();
     runtime.block_on(kiln_envd::serve(listener, state, shutdown_signal()))?;
     Ok(())

@@ -161,6 +161,14 @@ impl Runtime {
         let _ = std::fs::remove_file(&target);
         std::fs::copy(envd, &target)
             .map_err(|e| Error::io(format!("copying {}", envd.display()), e))?;
+        // gVisor ignores set-user-ID bits, so the image's sudo cannot work;
+        // envd called as `sudo` asks envd to run the command instead.
+        let sudo = tmp.join("rootfs/usr/bin/sudo");
+        if sudo.symlink_metadata().is_ok() {
+            std::fs::remove_file(&sudo).map_err(|e| Error::io("replacing usr/bin/sudo", e))?;
+            std::os::unix::fs::symlink("envd", &sudo)
+                .map_err(|e| Error::io("linking usr/bin/sudo to envd", e))?;
+        }
         // The sandbox resolver is the node's DNS address, which depends on
         // its subnet: write it rather than trust the image's.
         let resolv = tmp.join("rootfs/etc/resolv.conf");

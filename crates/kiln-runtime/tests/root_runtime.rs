@@ -482,6 +482,51 @@ fn root_writable_layer_is_size_limited() {
 }
 
 #[test]
+fn root_sudo_works_for_sudoers_only() {
+    let (node, _g) = node();
+    let rt = &node.rt;
+    TOKIO.block_on(async {
+        let sbx = rt.create(create_req(&[("KEEP_ME", "kept")])).await.unwrap();
+        let id = sbx.id.as_str();
+        let client = rt.envd(id).unwrap();
+        let sh = |cmd: &'static str| {
+            let client = client.clone();
+            async move {
+                client
+                    .run(cmd, "user", Duration::from_secs(30))
+                    .await
+                    .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+            }
+        };
+        let out = sh("ls -l /usr/bin/sudo; sudo id -u; sudo -u nobody id -un; echo secret | sudo tee /root/f >/dev/null; sudo cat /root/f; cat /root/f 2>&1 || echo denied-as-user").await;
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert!(lines[0].ends_with("/usr/bin/sudo -> envd"), "{out:?}");
+        assert_eq!(&lines[1..], ["0", "nobody", "secret", "cat: /root/f: Permission denied", "denied-as-user"], "{out:?}");
+        // Exit codes and the environment: reset unless -E; VAR=value is passed.
+        let out = sh("sudo sh -c 'exit 5'").await;
+        assert_eq!(out.exit_code, 5, "{out:?}");
+        let out = sh("sudo FOO=bar sh -c 'echo $FOO-$KEEP_ME-$HOME-$SUDO_USER'; sudo -E sh -c 'echo $KEEP_ME'").await;
+        assert_eq!(out.stdout, "bar--/root-user\nkept\n", "{out:?}");
+        // Only sudoers: nobody is not one.
+        let out = sh("sudo -u nobody sudo id; echo rc=$?").await;
+        assert!(out.stderr.contains("nobody is not in the sudoers file"), "{out:?}");
+        assert!(out.stdout.contains("rc=1"), "{out:?}");
+        // The socket survives a pause and resume.
+        rt.pause(id).await.unwrap();
+        rt.resume(id).await.unwrap();
+        let out = rt
+            .envd(id)
+            .unwrap()
+            .run("sudo apt-get --version >/dev/null && sudo whoami", "user", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, "root\n", "{out:?}");
+        rt.kill_and_wait(id).await.unwrap();
+    });
+}
+
+#[test]
 fn root_memory_limit_is_enforced_and_reported() {
     let (node, _g) = node();
     let rt = &node.rt;

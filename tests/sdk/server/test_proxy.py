@@ -27,6 +27,20 @@ def test_commands_through_the_proxy(sandbox):
     assert "".join(chunks) == "1\n2\n3\n"
 
 
+def test_sudo_as_user(sandbox):
+    # gVisor ignores set-user-ID bits; Kiln's sudo asks envd instead.
+    r = sandbox.commands.run("sudo whoami; echo data | sudo tee /root/owned >/dev/null; sudo cat /root/owned")
+    assert r.stdout == "root\ndata\n"
+    r = sandbox.commands.run("sudo sh -c 'echo $SUDO_USER; exit 4'")
+    assert r.exit_code == 4 and r.stdout == "user\n"
+    # Terminals work too: the command writes to the PTY sudo was given.
+    term = sandbox.pty.create(PtySize(rows=24, cols=80))
+    sandbox.pty.send_stdin(term.pid, b"sudo -u nobody sh -c 'echo id-$(id -u)'; exit\n")
+    out = bytearray()
+    term.wait(on_pty=out.extend)
+    assert b"id-65534" in out
+
+
 def test_stdin_and_kill_through_the_proxy(sandbox):
     h = sandbox.commands.run("cat", background=True, stdin=True)
     sandbox.commands.send_stdin(h.pid, "ping\n")
