@@ -18,14 +18,32 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn summary(name: &str, mut v: Vec<Duration>) {
+/// Prints n, p50 and p99; returns p50 in ms.
+fn summary(name: &str, mut v: Vec<Duration>) -> f64 {
     v.sort();
+    let p50 = pct(&v, 0.5).as_secs_f64() * 1e3;
     println!(
         "{name:<44} n={:<3} p50={:>8.1} ms  p99={:>8.1} ms",
         v.len(),
-        pct(&v, 0.5).as_secs_f64() * 1e3,
+        p50,
         pct(&v, 0.99).as_secs_f64() * 1e3
     );
+    p50
+}
+
+/// The targets on a 2-core machine, with our figure and the ratio
+/// (figure / target; above 1 misses for "under" targets).
+fn targets(rows: &[(&str, Option<f64>, f64, &str)]) {
+    println!("\ntargets (ratio = figure / target)");
+    for (name, figure, target, unit) in rows {
+        match figure {
+            Some(f) => println!(
+                "  {name:<46} {f:>8.1} {unit:<6} target {target:>6.0} {unit:<6} ratio {:>5.2}",
+                f / target
+            ),
+            None => println!("  {name:<46} (not measured in this run)"),
+        }
+    }
 }
 
 async fn create_and_first_command(rt: &Arc<Runtime>) -> (String, Duration) {
@@ -91,7 +109,8 @@ async fn pool_filled(rt: &Arc<Runtime>, n: usize) -> Duration {
 }
 
 /// Creates served by the warm pool.
-async fn bench_pool(rt: &Arc<Runtime>, n: usize) {
+/// Returns the p50 of a pooled create → first command, concurrency 1.
+async fn bench_pool(rt: &Arc<Runtime>, n: usize) -> f64 {
     // Warm pool, one create at a time: each waits for the pool to refill.
     rt.set_pool_size("bench", 1).await.expect("pool size 1");
     let (mut created, mut first) = (Vec::new(), Vec::new());
@@ -105,7 +124,7 @@ async fn bench_pool(rt: &Arc<Runtime>, n: usize) {
         rt.kill_and_wait(&id).await.unwrap();
     }
     summary("pooled create (thaw + /init), concurrency 1", created);
-    summary("pooled create → first command, concurrency 1", first);
+    let first_p50 = summary("pooled create → first command, concurrency 1", first);
     println!("{:<44} {from_pool} of {n}", "  served by the pool");
 
     // Warm pool of 20, 20 creates at once once it is full.
@@ -136,6 +155,7 @@ async fn bench_pool(rt: &Arc<Runtime>, n: usize) {
     for done in futures::future::join_all(all.iter().map(|(id, _, _)| rt.kill_and_wait(id))).await {
         done.unwrap();
     }
+    first_p50
 }
 
 /// memory.usage_in_bytes of a sandbox's cgroup (v1), or memory.current (v2).
@@ -168,7 +188,7 @@ fn main() {
     let conc: usize = std::env::var("BENCH_CONCURRENCY")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(20);
     let dir = PathBuf::from(format!("/var/tmp/kiln-bench-{}", std::process::id()));
     let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
     // BENCH_NET=<n> runs a second benchmark beside the default one (10.215).
@@ -196,7 +216,8 @@ fn main() {
         }
         summary("template snapshot (cold boot + checkpoint)", snaps);
         if std::env::var("BENCH_ONLY").as_deref() == Ok("pool") {
-            bench_pool(&rt, n).await;
+            let pooled = bench_pool(&rt, n).await;
+            targets(&[("pooled create → first command, concurrency 1", Some(pooled), 20.0, "ms")]);
             return;
         }
 
@@ -208,8 +229,9 @@ fn main() {
             // Let the background teardown finish so runs do not overlap.
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
-        summary("create → first command, concurrency 1", seq);
+        let cold_p50 = summary("create → first command, concurrency 1", seq);
         if std::env::var("BENCH_ONLY").as_deref() == Ok("create") {
+            targets(&[("create → first command, no pool, concurrency 1", Some(cold_p50), 200.0, "ms")]);
             return;
         }
 
@@ -222,9 +244,11 @@ fn main() {
 
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mems: Vec<u64> = ids.iter().filter_map(|id| cgroup_memory(id)).collect();
+        let mut per_gib = None;
         if !mems.is_empty() {
             let avg = mems.iter().sum::<u64>() as f64 / mems.len() as f64 / 1048576.0;
             println!("{:<44} {avg:.1} MiB (cgroup memory, {} sandboxes)", "idle memory per sandbox", mems.len());
+            per_gib = Some(1024.0 / avg);
         }
 
         let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
@@ -237,6 +261,7 @@ fn main() {
         summary("resume (restore until envd answers)", resumes);
         let mut mem_pauses = Vec::new();
         let mut mem_resumes = Vec::new();
+        let mut resume_100 = None;
         for mb in [10, 100, 500] {
             let client = rt.envd(id).unwrap();
             client
@@ -255,6 +280,9 @@ fn main() {
             let p = rt.pause(id).await.expect("pause with memory");
             let r = rt.resume(id).await.expect("resume with memory");
             println!("{:<44} pause {:>7.1} ms  resume {:>7.1} ms", format!("holding {mb} MiB"), p.as_secs_f64() * 1e3, r.as_secs_f64() * 1e3);
+            if mb == 100 {
+                resume_100 = Some(r.as_secs_f64() * 1e3);
+            }
             mem_pauses.push(p);
             mem_resumes.push(r);
         }
@@ -262,7 +290,14 @@ fn main() {
             rt.kill_and_wait(id).await.unwrap();
         }
 
-        bench_pool(&rt, n).await;
+        let pooled = bench_pool(&rt, n).await;
+        targets(&[
+            ("create → first command, no pool, concurrency 1", Some(cold_p50), 200.0, "ms"),
+            ("pooled create → first command, concurrency 1", Some(pooled), 20.0, "ms"),
+            ("resume holding 100 MiB", resume_100, 250.0, "ms"),
+            // A floor, not a ceiling: a ratio of 1 or more meets it.
+            ("idle sandboxes per GiB (at least)", per_gib, 20.0, "/GiB"),
+        ]);
     });
     let _ = rt.shutdown_network();
     let _ = std::fs::remove_dir_all(&dir);
