@@ -543,7 +543,7 @@ impl Builder {
         let dns = self.runtime.dns_address().to_string();
         let envd = std::fs::read(&self.envd)
             .map_err(|e| BuildError::io(format!("reading envd {}", self.envd.display()), e))?;
-        let key = hash_fields(&[b"envd-layer", &envd, dns.as_bytes()]);
+        let key = hash_fields(&[b"envd-layer", &envd, dns.as_bytes(), b"sudo-link"]);
         let rel = PathBuf::from("envd").join(&key[..24]);
         let dir = self.cache_dir.join(&rel);
         if dir.join("done").exists() {
@@ -561,6 +561,9 @@ impl Builder {
             std::fs::Permissions::from_mode(0o755),
         )
         .map_err(io)?;
+        // RUN steps get Kiln's sudo too (gVisor ignores set-user-ID bits);
+        // templates get it from `create_template` when the image has sudo.
+        std::os::unix::fs::symlink("envd", root.join("usr/bin/sudo")).map_err(io)?;
         std::fs::write(root.join("etc/resolv.conf"), format!("nameserver {dns}\n")).map_err(io)?;
         std::fs::write(root.join("etc/hostname"), "kiln\n").map_err(io)?;
         std::fs::write(root.join("etc/hosts"), HOSTS).map_err(io)?;

@@ -555,10 +555,14 @@ fn root_template_on_template() {
         b.build(parent, &sink).await.unwrap();
         let mut child = spec(
             "tpl-child",
-            vec![Step::new(StepKind::User {
-                name: "worker".into(),
-                sudo: true,
-            })],
+            vec![
+                Step::new(StepKind::User {
+                    name: "worker".into(),
+                    sudo: true,
+                }),
+                // Kiln's sudo works in RUN steps (the image's cannot under gVisor).
+                run_step("sudo sh -c 'echo $SUDO_USER > /root/by-sudo'"),
+            ],
         );
         child.from = BuildFrom::Template("tpl-parent".into());
         b.build(child, &sink).await.unwrap();
@@ -574,10 +578,10 @@ fn root_template_on_template() {
                 rt,
                 &info.id,
                 "worker",
-                "cat /parent.txt; echo $FROM_PARENT; whoami; stat -c %a /etc/sudoers.d/worker; cat /net.txt"
+                "cat /parent.txt; echo $FROM_PARENT; whoami; stat -c %a /etc/sudoers.d/worker; cat /net.txt; echo; sudo cat /root/by-sudo; sudo whoami"
             )
             .await,
-            "parent\nyes\nworker\n440\n200"
+            "parent\nyes\nworker\n440\n200\nworker\nroot"
         );
         rt.kill_and_wait(&info.id).await.unwrap();
     });
