@@ -1,7 +1,9 @@
 //! Starting a child process as a given user, with pipes or a PTY.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -136,8 +138,15 @@ fn spawn_pty(config: SpawnConfig) -> Result<Spawned, SpawnError> {
     let mut cmd = Command::new(&config.cmd);
     cmd.args(&config.args)
         .env_clear()
-        .envs(config.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&config.cwd);
+        .envs(config.env.iter().map(|(k, v)| (k, v)));
+    // Entered in the child after the user switch (std would do it before),
+    // as for processes with pipes.
+    let cwd = CString::new(config.cwd.as_os_str().as_bytes()).map_err(|_| {
+        start_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "nul byte found in the working directory",
+        ))
+    })?;
 
     let (cols, rows) = config.pty.unwrap_or((0, 0));
     let (master, slave) = super::pty::open(cols, rows).map_err(|e| SpawnError::Pty(e.into()))?;
@@ -153,7 +162,7 @@ fn spawn_pty(config: SpawnConfig) -> Result<Spawned, SpawnError> {
     let groups: Vec<libc::gid_t> = config.user.groups.clone();
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: it calls only raw syscalls
-    // (setsid, ioctl, setgroups, setgid, setuid) on data prepared
+    // (setsid, ioctl, setgroups, setgid, setuid, chdir) on data prepared
     // before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -169,6 +178,9 @@ fn spawn_pty(config: SpawnConfig) -> Result<Spawned, SpawnError> {
                     || libc::setgid(gid) < 0
                     || libc::setuid(uid) < 0)
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::chdir(cwd.as_ptr()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -306,7 +306,7 @@ impl Drop for FileActions {
 
 /// Owned `posix_spawnattr_t`: a new process group, an empty signal mask and
 /// every signal at its default action (envd ignores SIGPIPE, for one; a
-/// child must not inherit that).
+/// child must not inherit that), glibc's internal ones included.
 struct Attr(libc::posix_spawnattr_t);
 
 impl Attr {
@@ -324,6 +324,7 @@ impl Attr {
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigfillset(&mut all);
+            add_internal_signals(&mut all);
             let flags = libc::POSIX_SPAWN_SETPGROUP
                 | libc::POSIX_SPAWN_SETSIGMASK
                 | libc::POSIX_SPAWN_SETSIGDEF;
@@ -336,6 +337,26 @@ impl Attr {
             check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &all))?;
         }
         Ok(attr)
+    }
+}
+
+/// Adds glibc's internal signals (32 up to SIGRTMIN: thread cancellation
+/// and set*id broadcast) to `set`. glibc 2.36's sigfillset leaves them out,
+/// and its spawn child sets them to SIG_IGN, which survives exec unless they
+/// are in the sigdefault set. sigaddset refuses them, so set the bits.
+fn add_internal_signals(set: &mut libc::sigset_t) {
+    let words = std::mem::size_of::<libc::sigset_t>() / std::mem::size_of::<libc::c_ulong>();
+    let bits = libc::c_ulong::BITS as usize;
+    // SAFETY: glibc's sigset_t is an array of unsigned longs with signal n
+    // at bit n-1; the index stays below the array's length.
+    let array = unsafe {
+        std::slice::from_raw_parts_mut(std::ptr::from_mut(set).cast::<libc::c_ulong>(), words)
+    };
+    for sig in 32..libc::SIGRTMIN() as usize {
+        let bit = sig - 1;
+        if bit / bits < words {
+            array[bit / bits] |= 1 << (bit % bits);
+        }
     }
 }
 
