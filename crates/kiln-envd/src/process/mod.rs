@@ -12,6 +12,7 @@ mod pty;
 mod spawn;
 mod stream;
 mod table;
+mod vspawn;
 
 use std::sync::Arc;
 use std::time::Duration;

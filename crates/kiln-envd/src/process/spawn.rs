@@ -1,13 +1,16 @@
 //! Starting a child process as a given user, with pipes or a PTY.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use tokio::sync::oneshot;
 
+use super::vspawn::Prepared;
 use crate::reaper;
 use crate::users::User;
 
@@ -85,8 +88,49 @@ impl SpawnError {
 
 /// Starts the process described by `config`. It leads its own process group
 /// (its own session with the PTY as controlling terminal for PTYs), so
-/// signals can reach all of its children.
+/// signals can reach all of its children. Processes with pipes are started
+/// with `posix_spawn` (vfork, see [`super::vspawn`]); PTY processes are forked,
+/// as they need `setsid` and `TIOCSCTTY` in the child.
 pub fn spawn(config: SpawnConfig) -> Result<Spawned, SpawnError> {
+    if config.pty.is_some() {
+        spawn_pty(config)
+    } else {
+        spawn_pipes(config)
+    }
+}
+
+/// Whether the child must switch to `user`'s credentials.
+fn needs_user_switch(user: &User) -> bool {
+    // SAFETY: geteuid/getuid cannot fail and have no preconditions.
+    let (euid, ruid) = unsafe { (libc::geteuid(), libc::getuid()) };
+    euid == 0 || user.uid != ruid
+}
+
+fn spawn_pipes(config: SpawnConfig) -> Result<Spawned, SpawnError> {
+    let start_err = |source| SpawnError::Start {
+        cmd: config.cmd.clone(),
+        source,
+    };
+    let prepared = Prepared::new(&config, needs_user_switch(&config.user)).map_err(start_err)?;
+    let (child, exit) = reaper::spawn_registered(|| {
+        let child = prepared.spawn()?;
+        let pid = child.pid;
+        Ok((child, pid))
+    })
+    .map_err(start_err)?;
+    let outputs = vec![
+        (OutputKind::Stdout, child.stdout),
+        (OutputKind::Stderr, child.stderr),
+    ];
+    Ok(Spawned {
+        pid: child.pid,
+        outputs,
+        input: child.stdin.map(File::from),
+        exit,
+    })
+}
+
+fn spawn_pty(config: SpawnConfig) -> Result<Spawned, SpawnError> {
     let start_err = |source| SpawnError::Start {
         cmd: config.cmd.clone(),
         source,
@@ -94,51 +138,39 @@ pub fn spawn(config: SpawnConfig) -> Result<Spawned, SpawnError> {
     let mut cmd = Command::new(&config.cmd);
     cmd.args(&config.args)
         .env_clear()
-        .envs(config.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&config.cwd);
+        .envs(config.env.iter().map(|(k, v)| (k, v)));
+    // Entered in the child after the user switch (std would do it before),
+    // as for processes with pipes.
+    let cwd = CString::new(config.cwd.as_os_str().as_bytes()).map_err(|_| {
+        start_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "nul byte found in the working directory",
+        ))
+    })?;
 
-    let mut pty_master = None;
-    if let Some((cols, rows)) = config.pty {
-        let (master, slave) =
-            super::pty::open(cols, rows).map_err(|e| SpawnError::Pty(e.into()))?;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(SpawnError::Pty);
-        cmd.stdin(Stdio::from(dup(&slave)?))
-            .stdout(Stdio::from(dup(&slave)?))
-            .stderr(Stdio::from(slave));
-        // A separate fd for writing input, so the reader thread owns its own.
-        let writer = File::from(dup(&master)?);
-        pty_master = Some((master, writer));
-    } else {
-        cmd.stdin(if config.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    }
+    let (cols, rows) = config.pty.unwrap_or((0, 0));
+    let (master, slave) = super::pty::open(cols, rows).map_err(|e| SpawnError::Pty(e.into()))?;
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(SpawnError::Pty);
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
+    // A separate fd for writing input, so the reader thread owns its own.
+    let writer = File::from(dup(&master)?);
 
-    let is_pty = config.pty.is_some();
-    // SAFETY: geteuid/getuid cannot fail and have no preconditions.
-    let (euid, ruid) = unsafe { (libc::geteuid(), libc::getuid()) };
-    let switch_user = euid == 0 || config.user.uid != ruid;
+    let switch_user = needs_user_switch(&config.user);
     let (uid, gid) = (config.user.uid, config.user.gid);
     let groups: Vec<libc::gid_t> = config.user.groups.clone();
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: it calls only raw syscalls
-    // (setsid, ioctl, setpgid, setgroups, setgid, setuid) on data prepared
+    // (setsid, ioctl, setgroups, setgid, setuid, chdir) on data prepared
     // before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if is_pty {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // stdin is the PTY slave by now: make it the controlling tty.
-                if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::setpgid(0, 0) < 0 {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // stdin is the PTY slave by now: make it the controlling tty.
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if switch_user
@@ -148,11 +180,14 @@ pub fn spawn(config: SpawnConfig) -> Result<Spawned, SpawnError> {
             {
                 return Err(std::io::Error::last_os_error());
             }
+            if libc::chdir(cwd.as_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
 
-    let (mut child, exit) = reaper::spawn_registered(|| {
+    let (child, exit) = reaper::spawn_registered(|| {
         let child = cmd.spawn()?;
         let pid = child.id();
         Ok((child, pid))
@@ -163,28 +198,12 @@ pub fn spawn(config: SpawnConfig) -> Result<Spawned, SpawnError> {
     drop(cmd);
 
     let pid = child.id();
-    let mut outputs = Vec::new();
-    let mut input = None;
-    if let Some((master, writer)) = pty_master {
-        input = Some(writer);
-        outputs.push((OutputKind::Pty, master));
-    } else {
-        if let Some(out) = child.stdout.take() {
-            outputs.push((OutputKind::Stdout, OwnedFd::from(out)));
-        }
-        if let Some(err) = child.stderr.take() {
-            outputs.push((OutputKind::Stderr, OwnedFd::from(err)));
-        }
-        if let Some(stdin) = child.stdin.take() {
-            input = Some(File::from(OwnedFd::from(stdin)));
-        }
-    }
     // Dropping `child` neither waits nor kills: the reaper owns the wait.
     drop(child);
     Ok(Spawned {
         pid,
-        outputs,
-        input,
+        outputs: vec![(OutputKind::Pty, master)],
+        input: Some(writer),
         exit,
     })
 }
