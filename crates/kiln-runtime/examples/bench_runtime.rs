@@ -202,6 +202,9 @@ fn main() {
         name_prefix: format!("kbn{net}"),
         ..NetworkConfig::default()
     };
+    if let Ok(platform) = std::env::var("BENCH_PLATFORM") {
+        cfg.platform = platform;
+    }
     let tokio = tokio::runtime::Runtime::new().unwrap();
     let rt = Runtime::start(cfg).expect("runtime");
     // 1 GiB of memory, so that the 500 MiB pause/resume step fits.
