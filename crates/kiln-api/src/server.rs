@@ -167,6 +167,7 @@ async fn prepare_base(app: &Arc<App>) -> Result<(), ApiError> {
     stamp.push_str(&app.runtime.config().network.subnet.to_string());
     // Snapshots of an older runtime restore, but without today's features.
     stamp.push_str(&kiln_runtime::SNAPSHOT_FORMAT.to_string());
+    stamp.push_str(&app.runtime.config().platform);
     let runtime_id = format!("base-{}", &crate::util::sha256_hex(&stamp)[..12]);
     let system = ensure_team(app, SYSTEM_TEAM).await?;
     let meta = TemplateMeta::new(runtime_id.clone());

@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Longest lifetime of a sandbox of a new team, in seconds.
     #[arg(long, default_value_t = 86_400)]
     pub max_lifetime: i64,
+    /// gVisor platform. `systrap` is fastest for syscall-heavy work; `ptrace`
+    /// starts processes faster and costs no CPU while a sandbox idles, but
+    /// makes every syscall much slower (see docs/runtime.md). Snapshots are
+    /// per platform: templates are snapshotted again after a change.
+    #[arg(long, default_value = "systrap", env = "KILN_PLATFORM", value_parser = ["systrap", "ptrace", "kvm"])]
+    pub platform: String,
     /// Subnet sandboxes get their addresses from.
     #[arg(long, default_value = "10.11.0.0/16")]
     pub subnet: String,
@@ -105,6 +111,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let mut runtime = RuntimeConfig::new(&args.data_dir, &args.run_dir);
     runtime.network.subnet = args.subnet.parse().context("--subnet")?;
+    runtime.platform = args.platform.clone();
     runtime.network.table_name = args.nft_table.clone();
     runtime.network.name_prefix = args.iface_prefix.clone();
     let cfg = ServerConfig {

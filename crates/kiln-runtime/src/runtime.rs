@@ -140,6 +140,8 @@ pub struct Runtime {
     pub(crate) pools: crate::sandbox::pool::Pools,
     /// Teardowns still running in the background.
     pub(crate) teardowns: Arc<Background>,
+    /// One re-snapshot of a template from another platform at a time.
+    pub(crate) resnapshot: tokio::sync::Mutex<()>,
 }
 
 /// Counts background work so that it can be waited for.
@@ -207,6 +209,7 @@ impl Runtime {
             sandboxes: Mutex::new(HashMap::new()),
             pools: Default::default(),
             teardowns: Default::default(),
+            resnapshot: Default::default(),
         });
         crate::sandbox::recover::recover(&runtime, records);
         Ok(runtime)

@@ -106,9 +106,18 @@ impl Runtime {
         })
     }
 
-    /// Whether the template has a complete snapshot.
+    /// Whether the template has a complete snapshot this node can restore
+    /// (taken on its gVisor platform).
     pub fn has_snapshot(&self, id: &str) -> bool {
-        self.template_snapshot(id).join("complete").exists()
+        crate::sandbox::disk::snapshot_platform(&self.template_snapshot(id))
+            .is_some_and(|p| p == self.runsc.platform)
+    }
+
+    /// Whether the template has a complete snapshot from another platform,
+    /// which must be taken again before sandboxes can be restored from it.
+    pub fn has_foreign_snapshot(&self, id: &str) -> bool {
+        crate::sandbox::disk::snapshot_platform(&self.template_snapshot(id))
+            .is_some_and(|p| p != self.runsc.platform)
     }
 
     /// Creates template `meta.id` from a root filesystem directory, with `envd`
@@ -262,7 +271,7 @@ impl Runtime {
                 .await
                 .map_err(|e| Error::io("checkpoint task", std::io::Error::other(e)))??;
             let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
-            crate::sandbox::disk::mark_complete(&tmp, medium)?;
+            crate::sandbox::disk::mark_complete(&tmp, medium, &self.runsc.platform)?;
             let _ = std::fs::remove_dir_all(&snapshot);
             std::fs::rename(&tmp, &snapshot).map_err(|e| Error::io("renaming snapshot", e))?;
             Ok(())

@@ -652,3 +652,56 @@ fn root_restart_recovers_running_and_paused_sandboxes() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn root_ptrace_platform_and_snapshots_per_platform() {
+    // A node of its own: it is restarted with another platform.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = &*NODE;
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let dir = PathBuf::from(format!(
+        "/var/tmp/kiln-rt-test-{}-platform",
+        std::process::id()
+    ));
+    let config = |platform: &str| {
+        let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
+        cfg.platform = platform.into();
+        cfg.network = NetworkConfig {
+            subnet: "10.223.0.0/16".parse().unwrap(),
+            table_name: "kiln_rt_platform".into(),
+            name_prefix: "krp".into(),
+            ..NetworkConfig::default()
+        };
+        cfg
+    };
+    TOKIO.block_on(async {
+        let ptrace = Runtime::start(config("ptrace")).unwrap();
+        ptrace
+            .create_template(&TemplateMeta::new(TEMPLATE), base.as_ref(), envd.as_ref())
+            .unwrap();
+        ptrace.snapshot_template(TEMPLATE).await.unwrap();
+        assert!(ptrace.has_snapshot(TEMPLATE));
+        let id = ptrace.create(create_req(&[])).await.unwrap().id;
+        assert_eq!(run(&ptrace, &id, "echo $((6*7))").await.stdout, "42\n");
+        ptrace.pause(&id).await.unwrap();
+        ptrace.wait_for_teardowns();
+        drop(ptrace);
+
+        // Back on systrap: the template's snapshot is taken again on the
+        // first create; the sandbox paused on ptrace cannot resume here.
+        let systrap = Runtime::start(config("systrap")).unwrap();
+        assert!(!systrap.has_snapshot(TEMPLATE));
+        assert!(systrap.has_foreign_snapshot(TEMPLATE));
+        let other = systrap.create(create_req(&[])).await.unwrap().id;
+        assert!(systrap.has_snapshot(TEMPLATE));
+        assert_eq!(run(&systrap, &other, "echo ok").await.stdout, "ok\n");
+        let err = systrap.resume(&id).await.unwrap_err().to_string();
+        assert!(err.contains("ptrace"), "{err}");
+        systrap.kill_and_wait(&other).await.unwrap();
+        systrap.kill_and_wait(&id).await.unwrap();
+        systrap.shutdown_network().unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -149,6 +149,14 @@ impl Runtime {
     /// sandbox's env vars, access token, clock and fresh entropy.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<SandboxInfo, Error> {
         let meta = self.template(&req.template_id)?;
+        if !req.cold && self.has_foreign_snapshot(&meta.id) {
+            // Taken on another gVisor platform: take it again, once.
+            let _one = self.resnapshot.lock().await;
+            if self.has_foreign_snapshot(&meta.id) {
+                tracing::info!(template = %meta.id, "snapshot is from another platform; taking it again");
+                self.snapshot_template(&meta.id).await?;
+            }
+        }
         let image = (!req.cold && self.has_snapshot(&meta.id))
             .then(|| self.template_snapshot(&meta.id).clone());
         if !req.cold && image.is_none() {

@@ -25,7 +25,7 @@ pub(crate) enum Medium {
 }
 
 const MARKER: &str = "complete";
-const LIMITED: &str = "overlay=limited-dir\n";
+const LIMITED: &str = "overlay=limited-dir";
 
 /// The tmpfs holding container `cid`'s writable layer.
 pub(crate) fn upper_dir(run_dir: &Path) -> PathBuf {
@@ -34,18 +34,35 @@ pub(crate) fn upper_dir(run_dir: &Path) -> PathBuf {
 
 /// The medium a snapshot was taken with.
 pub(crate) fn snapshot_medium(image: &Path) -> Medium {
-    match std::fs::read_to_string(image.join(MARKER)) {
-        Ok(text) if text == LIMITED => Medium::LimitedDir,
-        _ => Medium::Memory,
+    let text = std::fs::read_to_string(image.join(MARKER)).unwrap_or_default();
+    if text.lines().any(|l| l == LIMITED) {
+        Medium::LimitedDir
+    } else {
+        Medium::Memory
     }
 }
 
-/// Marks `image` as complete, naming the medium it was taken with.
-pub(crate) fn mark_complete(image: &Path, medium: Medium) -> Result<(), Error> {
-    let text = match medium {
-        Medium::LimitedDir => LIMITED,
-        Medium::Memory => "",
-    };
+/// The gVisor platform a complete snapshot was taken on (`None`: none is
+/// complete). Checkpoints restore only on their own platform; markers from
+/// before platforms were recorded are `systrap`, the only one used then.
+pub(crate) fn snapshot_platform(image: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(image.join(MARKER)).ok()?;
+    Some(
+        text.lines()
+            .find_map(|l| l.strip_prefix("platform="))
+            .unwrap_or("systrap")
+            .to_string(),
+    )
+}
+
+/// Marks `image` as complete, naming the medium and platform it was taken with.
+pub(crate) fn mark_complete(image: &Path, medium: Medium, platform: &str) -> Result<(), Error> {
+    let mut text = String::new();
+    if medium == Medium::LimitedDir {
+        text.push_str(LIMITED);
+        text.push('\n');
+    }
+    text.push_str(&format!("platform={platform}\n"));
     std::fs::write(image.join(MARKER), text).map_err(|e| Error::io("marking snapshot", e))
 }
 

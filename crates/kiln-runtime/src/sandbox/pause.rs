@@ -52,7 +52,7 @@ impl Runtime {
             return Err(e);
         }
         let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
-        crate::sandbox::disk::mark_complete(&tmp, medium)?;
+        crate::sandbox::disk::mark_complete(&tmp, medium, &self.runsc.platform)?;
         let _ = std::fs::remove_dir_all(&image);
         std::fs::rename(&tmp, &image).map_err(|e| Error::io("renaming snapshot", e))?;
         {
@@ -105,6 +105,17 @@ impl Runtime {
             return Err(fail(Error::InvalidState {
                 id: id.to_string(),
                 state: "paused without a snapshot".into(),
+                action: "resume",
+            }));
+        }
+        let platform = crate::sandbox::disk::snapshot_platform(&image).unwrap_or_default();
+        if platform != self.runsc.platform {
+            return Err(fail(Error::InvalidState {
+                id: id.to_string(),
+                state: format!(
+                    "paused on the {platform} platform (this node runs {})",
+                    self.runsc.platform
+                ),
                 action: "resume",
             }));
         }
