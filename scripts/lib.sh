@@ -68,7 +68,8 @@ KILN_RUNSC_VERSION="0.0~20240729.0-4~bpo12+2"
 BASE_ROOTFS="${KILN_BASE_ROOTFS:-/var/lib/kiln/cache/base-rootfs}"
 
 # ensure_runtime_packages: gVisor's runsc (pinned, from bookworm-backports),
-# debootstrap for the base image, nftables and iproute2 for sandbox networks.
+# debootstrap for the base image, nftables, iproute2 and conntrack for sandbox
+# networks.
 ensure_runtime_packages() {
   local sources=/etc/apt/sources.list.d/kiln-bookworm-backports.sources
   if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -82,7 +83,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
     _KILN_APT_UPDATED=0
   fi
-  apt_install debootstrap nftables iproute2 binutils
+  apt_install debootstrap nftables iproute2 conntrack binutils
   if [[ "$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)" != "$KILN_RUNSC_VERSION" ]]; then
     if ((_KILN_APT_UPDATED == 0)); then
       DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null >/dev/null

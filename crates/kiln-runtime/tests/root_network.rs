@@ -782,10 +782,27 @@ fn root_spare_slots_are_ready_and_reused() {
     assert_eq!(mgr.active_slots(), vec![slot.index]);
 
     // gVisor takes the address off eth0; a released slot gets it back and
-    // becomes the newest spare, losing its rules; the oldest spare goes.
+    // becomes the newest spare, losing its rules and its tracked flows (the
+    // host's connection above); the oldest spare goes.
+    let flows = |ip: Ipv4Addr| {
+        let out = Command::new("conntrack")
+            .args(["-L", "--orig-dst", &ip.to_string()])
+            .output()
+            .expect("conntrack (package conntrack)");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(
+        flows(slot.sandbox_ip) > 0,
+        "the host's connection is tracked"
+    );
     ip_ok(&format!("-n {} addr flush dev eth0", slot.netns_name));
     let oldest = mgr.spare_slots()[0].clone();
     mgr.release(slot.index).unwrap();
+    assert_eq!(
+        flows(slot.sandbox_ip),
+        0,
+        "a reused address inherits no flows"
+    );
     assert!(mgr.active_slots().is_empty());
     let spare: Vec<u32> = mgr.spare_slots().iter().map(|s| s.index).collect();
     assert_eq!(spare.len(), 2, "{spare:?}");

@@ -76,6 +76,41 @@ pub(crate) fn nft(script: &str, context: &str) -> Result<(), NetworkError> {
     run_script("nft", &["-f", "-"], script, context)
 }
 
+/// Forgets the host's connection tracking entries to and from `ip`, so that a
+/// reused address inherits no flows (replies still in flight for the sandbox
+/// that had it would otherwise be let through to the next one). Best effort:
+/// `conntrack` exits 1 when nothing matched, and a host without the tool
+/// is warned about once.
+pub(crate) fn flush_conntrack(ip: std::net::Ipv4Addr) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if MISSING.load(Ordering::Relaxed) {
+        return;
+    }
+    for side in ["--orig-src", "--orig-dst"] {
+        let ip = ip.to_string();
+        match Command::new("conntrack")
+            .args(["-D", side, &ip])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !MISSING.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "`conntrack` is not installed: a reused sandbox address keeps the old \
+                         sandbox's connection tracking entries (install the conntrack package)"
+                    );
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(%ip, error = %e, "conntrack -D failed"),
+        }
+    }
+}
+
 /// Writes a sysctl through /proc/sys (no exec).
 pub(crate) fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
     std::fs::write(path, value).map_err(|e| NetworkError::io(format!("writing {path}"), e))

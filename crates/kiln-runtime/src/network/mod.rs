@@ -318,6 +318,8 @@ impl NetworkManager {
         let reuse = self.layout.spare_slots > 0
             && !self.closed.load(Ordering::SeqCst)
             && lock(&self.slots).active.contains_key(&index);
+        // Whoever gets this address next must not inherit its flows.
+        cmd::flush_conntrack(self.layout.slot(index).sandbox_ip);
         if reuse {
             let reused = {
                 let _nft = lock(&self.nft_lock);
