@@ -863,3 +863,25 @@ fn root_acquire_and_release() {
     );
     assert!(leftovers().is_empty(), "{:?}", leftovers());
 }
+
+#[test]
+fn root_init_refuses_a_subnet_in_use() {
+    let Some(_serial) = serial() else { return };
+    // Someone else's interface with an address in our subnet.
+    let _ = ip("link del ktdummy0");
+    ip_ok("link add ktdummy0 type veth peer name ktdummy1");
+    ip_ok("addr add 10.213.77.1/32 dev ktdummy0");
+    let res = NetworkManager::init(config(LOOPBACK_UPSTREAM, None));
+    ip_ok("link del ktdummy0");
+    let err = match res {
+        Ok(mgr) => {
+            let _ = mgr.shutdown();
+            panic!("init accepted a subnet in use");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("already in use") && err.contains("ktdummy0"),
+        "{err}"
+    );
+}

@@ -587,7 +587,8 @@ fn root_restart_recovers_running_and_paused_sandboxes() {
     let config = || {
         let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
         cfg.network = NetworkConfig {
-            subnet: "10.218.0.0/16".parse().unwrap(),
+            // Not 10.218: root_build (kiln-templates) uses that one.
+            subnet: "10.224.0.0/16".parse().unwrap(),
             table_name: "kiln_rt_restart".into(),
             name_prefix: "krr".into(),
             ..NetworkConfig::default()

@@ -118,6 +118,7 @@ impl NetworkManager {
         };
         let keep: HashSet<u32> = in_use.keys().copied().collect();
         mgr.sweep(&keep)?;
+        mgr.check_subnet_is_free()?;
 
         let mut adopted: Vec<(u32, &EgressPolicy)> = in_use.iter().map(|(i, p)| (*i, p)).collect();
         adopted.sort_by_key(|(i, _)| *i);
@@ -574,6 +575,40 @@ impl NetworkManager {
             return Ok(());
         }
         res
+    }
+
+    /// Fails when an interface that is not one of ours has an address in our subnet (e.g.
+    /// another Kiln node, or leftovers of one, with another prefix): packets to sandboxes would
+    /// go astray, which otherwise shows up only as sandboxes that never answer.
+    fn check_subnet_is_free(&self) -> Result<(), NetworkError> {
+        let out = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| NetworkError::io("running ip -4 addr show", e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            // `3: eth0    inet 10.0.0.5/24 brd … scope global eth0`
+            let mut words = line.split_whitespace();
+            let Some(ifname) = words.nth(1) else { continue };
+            let ifname = ifname.split('@').next().unwrap_or(ifname);
+            let Some(addr) = words
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            if self.layout.subnet.contains(&addr) && self.layout.parse_host_veth(ifname).is_none() {
+                return Err(NetworkError::Config(format!(
+                    "subnet {} is already in use on this host: {ifname} has {addr} (another Kiln \
+                     node, or its leftovers, with another interface prefix?); choose another subnet",
+                    self.layout.subnet
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Deletes every netns and host veth of this prefix whose index is not in `keep`.
