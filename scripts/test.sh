@@ -20,7 +20,7 @@ REGISTRY_STARTED=""
 PG_DIR=""
 
 cleanup() {
-  serve_teardown || true
+  if declare -F serve_teardown >/dev/null; then serve_teardown || true; fi
   if [[ -n "$PG_DIR" ]]; then
     stop_test_postgres "$PG_DIR" || true
   fi
