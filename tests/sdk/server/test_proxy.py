@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from e2b import Sandbox, SandboxNotRunningException
+from e2b import CommandExitException, Sandbox, SandboxNotRunningException
 from e2b.sandbox.commands.command_handle import PtySize
 
 from conftest import API_URL
@@ -31,8 +31,9 @@ def test_sudo_as_user(sandbox):
     # gVisor ignores set-user-ID bits; Kiln's sudo asks envd instead.
     r = sandbox.commands.run("sudo whoami; echo data | sudo tee /root/owned >/dev/null; sudo cat /root/owned")
     assert r.stdout == "root\ndata\n"
-    r = sandbox.commands.run("sudo sh -c 'echo $SUDO_USER; exit 4'")
-    assert r.exit_code == 4 and r.stdout == "user\n"
+    with pytest.raises(CommandExitException) as failed:
+        sandbox.commands.run("sudo sh -c 'echo $SUDO_USER; exit 4'")
+    assert failed.value.exit_code == 4 and failed.value.stdout == "user\n"
     # Terminals work too: the command writes to the PTY sudo was given.
     term = sandbox.pty.create(PtySize(rows=24, cols=80))
     sandbox.pty.send_stdin(term.pid, b"sudo -u nobody sh -c 'echo id-$(id -u)'; exit\n")
