@@ -41,7 +41,8 @@ check "kiln sandbox create --detach prints an id" grep -qE '^[a-z0-9]{20}$' <<<"
 check "kiln sandbox list shows it" bash -c "'$KILN_BIN' sandbox list | grep -q '$id.*running.*suite=cli'"
 check "kiln sandbox list --json" bash -c "'$KILN_BIN' sandbox list --json | python3 -c 'import json,sys; assert \"$id\" in [s[\"sandboxID\"] for s in json.load(sys.stdin)]'"
 check "kiln sandbox info" bash -c "'$KILN_BIN' sandbox info '$id' | grep -q 'state *running'"
-check "kiln sandbox exec output" bash -c "[ \"\$('$KILN_BIN' sandbox exec '$id' -- echo hello \$\(whoami\))\" = 'hello user' ]"
+check "kiln sandbox exec output" bash -c "[ \"\$('$KILN_BIN' sandbox exec '$id' -- 'echo hello \$(whoami)')\" = 'hello user' ]"
+check "kiln sandbox exec passes arguments as they are" bash -c "[ \"\$('$KILN_BIN' sandbox exec '$id' -- python3 -c 'print(6*7)')\" = 42 ]"
 "$KILN_BIN" sandbox exec "$id" -- 'exit 7'
 check "kiln sandbox exec exit code" test $? -eq 7
 terminal "$tmp/kiln-connect" "$KILN_BIN sandbox connect $id" 'echo kiln-$((6*7)); stty size' 'exit'

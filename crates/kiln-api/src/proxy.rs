@@ -50,6 +50,13 @@ impl Client {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_nodelay(true);
+        // A sandbox that dies (killed, out of memory) never closes its
+        // connections: its network stack is gone with it. Keepalive probes
+        // then fail or meet a reset within ~11 s, so a client streaming a
+        // command's output gets an error instead of waiting forever.
+        connector.set_keepalive(Some(Duration::from_secs(5)));
+        connector.set_keepalive_interval(Some(Duration::from_secs(2)));
+        connector.set_keepalive_retries(Some(3));
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(32)

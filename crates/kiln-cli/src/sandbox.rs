@@ -90,7 +90,9 @@ enum SandboxCommand {
         /// Working directory.
         #[arg(long)]
         cwd: Option<String>,
-        /// The command (run by bash -l -c).
+        /// The command: one argument is a shell command line (`'ls | wc -l'`);
+        /// several are the program and its arguments, passed as they are
+        /// (`python3 -c 'print(6*7)'`). Run by `bash -l -c`, as the SDKs do.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -321,7 +323,8 @@ pub async fn run(args: SandboxArgs) -> Result<i32> {
             command,
         } => {
             let envd = api.envd(&id).await?;
-            let mut process = json!({"cmd": "/bin/bash", "args": ["-l", "-c", command.join(" ")]});
+            let line = command_line(&command);
+            let mut process = json!({"cmd": "/bin/bash", "args": ["-l", "-c", line]});
             if let Some(cwd) = cwd {
                 process["cwd"] = Value::String(cwd);
             }
@@ -431,4 +434,49 @@ fn enc(s: &str) -> String {
         }
     }
     out
+}
+
+/// The shell command line for `exec`: a single argument as it is, several
+/// quoted word by word so that each reaches the program unchanged.
+fn command_line(command: &[String]) -> String {
+    if let [line] = command {
+        return line.clone();
+    }
+    command
+        .iter()
+        .map(|word| {
+            let plain = !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+            if plain {
+                word.clone()
+            } else {
+                format!("'{}'", word.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod exec_tests {
+    use super::command_line;
+
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn one_argument_is_a_shell_line_several_are_argv() {
+        assert_eq!(command_line(&words(&["ls | wc -l"])), "ls | wc -l");
+        assert_eq!(
+            command_line(&words(&["python3", "-c", "print(6*7)"])),
+            "python3 -c 'print(6*7)'"
+        );
+        assert_eq!(
+            command_line(&words(&["echo", "it's", ""])),
+            "echo 'it'\\''s' ''"
+        );
+    }
 }

@@ -42,6 +42,30 @@ def test_sudo_as_user(sandbox):
     assert b"id-65534" in out
 
 
+def test_a_running_command_ends_when_its_sandbox_dies(sandbox):
+    # A dead sandbox never closes its connections; the proxy must notice
+    # (TCP keepalive) rather than leave the client waiting for the timeout.
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            sandbox.commands.run("sleep 600", timeout=90)
+            outcome["error"] = None
+        except Exception as e:  # noqa: BLE001 - any error will do, but not a timeout
+            outcome["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(2)
+    Sandbox.kill(sandbox.sandbox_id)
+    t.join(120)
+    assert not t.is_alive()
+    err = outcome["error"]
+    assert err is not None and "timed out" not in str(err).lower(), repr(err)
+
+
 def test_stdin_and_kill_through_the_proxy(sandbox):
     h = sandbox.commands.run("cat", background=True, stdin=True)
     sandbox.commands.send_stdin(h.pid, "ping\n")
