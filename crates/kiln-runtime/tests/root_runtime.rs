@@ -572,29 +572,44 @@ fn root_memory_limit_is_enforced_and_reported() {
     });
 }
 
+/// A node of its own (dir, base rootfs, envd, config by platform) for tests
+/// that restart it, on a subnet no other test suite uses.
+fn own_node(
+    name: &str,
+    subnet: &'static str,
+    prefix: &'static str,
+) -> (PathBuf, String, String, impl Fn(&str) -> RuntimeConfig) {
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let dir = PathBuf::from(format!(
+        "/var/tmp/kiln-rt-test-{}-{name}",
+        std::process::id()
+    ));
+    let table = format!("kiln_rt_{name}");
+    let d = dir.clone();
+    let config = move |platform: &str| {
+        let mut cfg = RuntimeConfig::new(d.join("data"), d.join("run"));
+        cfg.platform = platform.into();
+        cfg.network = NetworkConfig {
+            subnet: subnet.parse().unwrap(),
+            table_name: table.clone(),
+            name_prefix: prefix.into(),
+            ..NetworkConfig::default()
+        };
+        cfg
+    };
+    (dir, base, envd, config)
+}
+
 #[test]
 fn root_restart_recovers_running_and_paused_sandboxes() {
     // A node of its own, so that "restarting" it does not disturb the others.
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let _ = &*NODE;
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
-        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
-    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
-    let dir = PathBuf::from(format!(
-        "/var/tmp/kiln-rt-test-{}-restart",
-        std::process::id()
-    ));
-    let config = || {
-        let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
-        cfg.network = NetworkConfig {
-            // Not 10.218: root_build (kiln-templates) uses that one.
-            subnet: "10.224.0.0/16".parse().unwrap(),
-            table_name: "kiln_rt_restart".into(),
-            name_prefix: "krr".into(),
-            ..NetworkConfig::default()
-        };
-        cfg
-    };
+    // Not 10.218: root_build (kiln-templates) uses that one.
+    let (dir, base, envd, config) = own_node("restart", "10.224.0.0/16", "krr");
+    let config = || config("systrap");
     TOKIO.block_on(async {
         let first = Runtime::start(config()).unwrap();
         first
@@ -659,24 +674,7 @@ fn root_ptrace_platform_and_snapshots_per_platform() {
     // A node of its own: it is restarted with another platform.
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let _ = &*NODE;
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
-        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
-    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
-    let dir = PathBuf::from(format!(
-        "/var/tmp/kiln-rt-test-{}-platform",
-        std::process::id()
-    ));
-    let config = |platform: &str| {
-        let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
-        cfg.platform = platform.into();
-        cfg.network = NetworkConfig {
-            subnet: "10.223.0.0/16".parse().unwrap(),
-            table_name: "kiln_rt_platform".into(),
-            name_prefix: "krp".into(),
-            ..NetworkConfig::default()
-        };
-        cfg
-    };
+    let (dir, base, envd, config) = own_node("platform", "10.223.0.0/16", "krp");
     TOKIO.block_on(async {
         let ptrace = Runtime::start(config("ptrace")).unwrap();
         ptrace
