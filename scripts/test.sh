@@ -12,6 +12,8 @@ cd "$KILN_ROOT" || exit 1
 
 ENVD_PORT=49983
 ENVD_URL="http://127.0.0.1:$ENVD_PORT"
+# The suites choose their own servers: a caller's E2B settings must not leak in.
+unset E2B_API_URL E2B_SANDBOX_URL E2B_API_KEY E2B_DOMAIN E2B_DEBUG
 OUT_DIR="$KILN_ROOT/target/kiln-test"
 mkdir -p "$OUT_DIR"
 ENVD_LOG="$OUT_DIR/envd.log"
