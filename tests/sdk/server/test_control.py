@@ -231,7 +231,9 @@ def test_logs_record_the_lifecycle(api, sandbox):
     assert any("resumed" in m for m in messages)
     # envd's own log of the sandbox's current run.
     assert any("process started" in m and "cmd=/bin/bash" in m for m in messages), messages
-    times = [e["timestamp"] for e in r.json()["logEntries"]]
+    # RFC 3339 with trailing zeros of the fraction trimmed (as Go's RFC3339Nano,
+    # E2B's format): compare instants, not strings ("49.9Z" sorts after "49.997Z").
+    times = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")) for e in r.json()["logEntries"]]
     assert times == sorted(times)
 
 
