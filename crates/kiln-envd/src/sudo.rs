@@ -26,9 +26,7 @@ use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg, sendmsg,
@@ -36,8 +34,9 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Debian's `secure_path`.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Debian's `secure_path` is envd's default PATH.
+use crate::process::spawn::DEFAULT_PATH;
+use crate::process::vspawn::Prepared;
 use crate::users::User;
 
 /// Where envd listens for sudo requests inside a sandbox.
@@ -382,41 +381,24 @@ fn handle(stream: UnixStream) {
     };
     tracing::info!(caller = %caller, user = %target.name,
         command = %String::from_utf8_lossy(&argv.join(&b' ')), "sudo");
-    let program = resolve(&argv[0], &env);
-    let mut cmd = Command::new(OsString::from_vec(program));
-    cmd.arg0(OsString::from_vec(argv[0].clone()))
-        .args(argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
-        .env_clear()
-        .envs(
-            env.iter()
-                .map(|(k, v)| (OsString::from_vec(k.clone()), OsString::from_vec(v.clone()))),
-        )
-        .current_dir(&cwd);
-    let [stdin, stdout, stderr] = fds;
-    cmd.stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
-    let (uid, gid, groups) = (target.uid, target.gid, target.groups.clone());
-    // SAFETY: between fork and exec only raw syscalls run (setpgid,
-    // setgroups, setgid, setuid) on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) < 0
-                || libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                || libc::setgid(gid) < 0
-                || libc::setuid(uid) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+    // Started like every other process envd runs (vfork, own process group,
+    // signals at their defaults), with the caller's stdio.
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == b"PATH")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let creds = crate::process::spawn::needs_user_switch(&target)
+        .then(|| (target.uid, target.gid, target.groups.clone()));
+    let started = Prepared::with_stdio(&argv[0], &argv, &env, &path_var, &cwd, creds, fds)
+        .and_then(|prepared| {
+            crate::reaper::spawn_registered(|| {
+                let child = prepared.spawn()?;
+                let pid = child.pid;
+                Ok((child, pid))
+            })
         });
-    }
-    let started = crate::reaper::spawn_registered(|| {
-        let child = cmd.spawn()?;
-        let pid = child.id();
-        Ok((child, pid))
-    });
-    drop(cmd);
     let (child, exit) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -430,8 +412,7 @@ fn handle(stream: UnixStream) {
             return;
         }
     };
-    let pgid = child.id() as i32;
-    drop(child);
+    let pgid = child.pid as i32;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Signals from the client go to the command's process group; a client
     // that vanishes takes the command with it.
@@ -700,33 +681,6 @@ fn environment(
         env.push((k.clone(), v.clone()));
     }
     env
-}
-
-/// The program for `name`: itself when it has a '/', else the first
-/// executable of that name on the command's PATH.
-fn resolve(name: &[u8], env: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    if name.contains(&b'/') {
-        return name.to_vec();
-    }
-    let path = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == b"PATH")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| DEFAULT_PATH.as_bytes().to_vec());
-    for dir in path.split(|&b| b == b':').filter(|d| !d.is_empty()) {
-        let mut candidate = dir.to_vec();
-        candidate.push(b'/');
-        candidate.extend_from_slice(name);
-        let p = PathBuf::from(OsString::from_vec(candidate.clone()));
-        if let Ok(meta) = std::fs::metadata(&p)
-            && meta.is_file()
-            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0
-        {
-            return candidate;
-        }
-    }
-    name.to_vec()
 }
 
 #[cfg(test)]

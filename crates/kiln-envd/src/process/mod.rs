@@ -9,10 +9,10 @@
 
 mod output;
 mod pty;
-mod spawn;
+pub(crate) mod spawn;
 mod stream;
 mod table;
-mod vspawn;
+pub(crate) mod vspawn;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -100,7 +100,7 @@ pub fn spawn(config: SpawnConfig) -> Result<Spawned, SpawnError> {
 }
 
 /// Whether the child must switch to `user`'s credentials.
-fn needs_user_switch(user: &User) -> bool {
+pub(crate) fn needs_user_switch(user: &User) -> bool {
     // SAFETY: geteuid/getuid cannot fail and have no preconditions.
     let (euid, ruid) = unsafe { (libc::geteuid(), libc::getuid()) };
     euid == 0 || user.uid != ruid
@@ -118,10 +118,13 @@ fn spawn_pipes(config: SpawnConfig) -> Result<Spawned, SpawnError> {
         Ok((child, pid))
     })
     .map_err(start_err)?;
-    let outputs = vec![
+    let outputs = [
         (OutputKind::Stdout, child.stdout),
         (OutputKind::Stderr, child.stderr),
-    ];
+    ]
+    .into_iter()
+    .filter_map(|(kind, fd)| fd.map(|fd| (kind, fd)))
+    .collect();
     Ok(Spawned {
         pid: child.pid,
         outputs,

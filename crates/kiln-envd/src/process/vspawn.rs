@@ -35,18 +35,18 @@ pub struct Prepared {
     child_stdin: Option<OwnedFd>,
     child_stdout: OwnedFd,
     child_stderr: OwnedFd,
-    /// envd's ends.
+    /// envd's ends (none when the child got fds of someone else's).
     stdin: Option<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
 }
 
 /// A started child and envd's ends of its pipes.
 pub struct PipeChild {
     pub pid: u32,
     pub stdin: Option<OwnedFd>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 fn cstring(what: &str, bytes: &[u8]) -> io::Result<CString> {
@@ -107,8 +107,47 @@ impl Prepared {
             child_stdout,
             child_stderr,
             stdin,
-            stdout,
-            stderr,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        })
+    }
+
+    /// A child whose stdin, stdout and stderr are `stdio` as they are (e.g.
+    /// fds another process handed over, see [`crate::sudo`]); `cmd`
+    /// without a '/' is looked up in `path_var`. With `creds` it runs as
+    /// that uid, gid and groups.
+    pub fn with_stdio(
+        cmd: &[u8],
+        argv: &[Vec<u8>],
+        env: &[(Vec<u8>, Vec<u8>)],
+        path_var: &str,
+        cwd: &Path,
+        creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+        stdio: [OwnedFd; 3],
+    ) -> io::Result<Prepared> {
+        let argv = argv
+            .iter()
+            .map(|a| cstring("arguments", a))
+            .collect::<io::Result<Vec<_>>>()?;
+        let envp = env
+            .iter()
+            .map(|(k, v)| cstring("environment", &[k.as_slice(), b"=", v.as_slice()].concat()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let [stdin, stdout, stderr] = stdio;
+        Ok(Prepared {
+            cmd: cstring("command", cmd)?,
+            argv,
+            envp,
+            path_var: path_var.to_string(),
+            cwd: cstring("working directory", cwd.as_os_str().as_bytes())?,
+            cwd_path: cwd.to_path_buf(),
+            creds,
+            child_stdin: Some(stdin),
+            child_stdout: stdout,
+            child_stderr: stderr,
+            stdin: None,
+            stdout: None,
+            stderr: None,
         })
     }
 
