@@ -149,8 +149,9 @@ impl Runsc {
     }
 
     /// Starts a new sandbox from `bundle` (detached), its writable layer
-    /// where `overlay` (an `--overlay2` value) says, and its host pid written
-    /// to `pid_file`.
+    /// where `overlay` (an `--overlay2` value) says (`none`: writes go
+    /// straight to the rootfs, as template builds want), and its host pid
+    /// written to `pid_file`.
     pub fn run(
         &self,
         id: &str,
@@ -169,29 +170,6 @@ impl Runsc {
             id.as_ref(),
         ];
         let cmd = self.command_with_overlay(overlay);
-        self.exec_with(cmd, "run", &args, log, true, Duration::from_secs(60))
-    }
-
-    /// Starts a new sandbox from `bundle` (detached) without gVisor's
-    /// overlay: its writes go straight to the rootfs on the host. Template
-    /// builds use it, with a host overlayfs mount as the rootfs.
-    pub fn run_without_overlay(
-        &self,
-        id: &str,
-        bundle: &Path,
-        pid_file: &Path,
-        log: &Path,
-    ) -> Result<(), Error> {
-        let args: Vec<&OsStr> = vec![
-            "run".as_ref(),
-            "--detach".as_ref(),
-            "--pid-file".as_ref(),
-            pid_file.as_os_str(),
-            "--bundle".as_ref(),
-            bundle.as_os_str(),
-            id.as_ref(),
-        ];
-        let cmd = self.command_with_overlay("none");
         self.exec_with(cmd, "run", &args, log, true, Duration::from_secs(60))
     }
 

@@ -203,59 +203,40 @@ impl NetworkManager {
     /// up, and the rules. Either way the guest side is configured and ready for runsc.
     pub fn acquire(self: &Arc<Self>, policy: &EgressPolicy) -> Result<Slot, NetworkError> {
         let started = Instant::now();
-        let spare = {
+        let (index, spare) = {
             let mut slots = lock(&self.slots);
-            let index = slots.spare.pop_front();
-            if let Some(index) = index {
-                slots.active.insert(index, policy.clone());
+            match slots.spare.pop_front() {
+                Some(index) => {
+                    slots.active.insert(index, policy.clone());
+                    (index, true)
+                }
+                None => {
+                    let policy = policy.clone();
+                    let index = self.take_free_index(&mut slots, move |s, i| {
+                        s.active.insert(i, policy);
+                    })?;
+                    (index, false)
+                }
             }
-            index
         };
-        if let Some(index) = spare {
+        let made = if spare {
             self.refill();
-            let added = {
-                let _nft = lock(&self.nft_lock);
-                cmd::nft(
-                    &nft::slot_script(&self.layout, index, policy),
-                    &format!("adding nft rules of slot {index}"),
-                )
-            };
-            return match added {
-                Ok(()) => {
-                    tracing::debug!(
-                        index,
-                        elapsed_us = started.elapsed().as_micros() as u64,
-                        "spare network slot acquired"
-                    );
-                    Ok(self.layout.slot(index))
-                }
-                Err(err) => {
-                    tracing::warn!(index, %err, "adding rules to a spare slot failed");
-                    if self.destroy_slot(index).is_ok() {
-                        lock(&self.slots).active.remove(&index);
-                    }
-                    Err(err)
-                }
-            };
-        }
-        let index = {
-            let mut slots = lock(&self.slots);
-            let policy = policy.clone();
-            self.take_free_index(&mut slots, move |s, i| {
-                s.active.insert(i, policy);
-            })?
+            Ok(())
+        } else {
+            self.fresh_links(index)
         };
-        match self.build_slot(index, policy) {
+        match made.and_then(|()| self.add_rules(index, policy)) {
             Ok(()) => {
                 tracing::debug!(
                     index,
+                    spare,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "network slot acquired"
                 );
                 Ok(self.layout.slot(index))
             }
             Err(err) => {
-                tracing::warn!(index, %err, "creating network slot failed; cleaning up");
+                tracing::warn!(index, %err, "preparing network slot failed; cleaning up");
                 if let Err(cleanup) = self.destroy_slot(index) {
                     // Keep the index reserved: its leftovers would collide with a new slot.
                     tracing::error!(index, %cleanup, "cleanup of failed slot failed");
@@ -267,7 +248,8 @@ impl NetworkManager {
         }
     }
 
-    fn build_slot(&self, index: u32, policy: &EgressPolicy) -> Result<(), NetworkError> {
+    /// Creates the slot's netns and veth pair, first removing whatever a crash left of them.
+    fn fresh_links(&self, index: u32) -> Result<(), NetworkError> {
         if self.links_exist_any(index) {
             tracing::warn!(
                 index,
@@ -275,7 +257,11 @@ impl NetworkManager {
             );
             self.teardown_links(index)?;
         }
-        self.create_links(index)?;
+        self.create_links(index)
+    }
+
+    /// The slot's chain and map entry: from now on its traffic passes by `policy`.
+    fn add_rules(&self, index: u32, policy: &EgressPolicy) -> Result<(), NetworkError> {
         let _nft = lock(&self.nft_lock);
         cmd::nft(
             &nft::slot_script(&self.layout, index, policy),
@@ -404,12 +390,7 @@ impl NetworkManager {
                         }
                     };
                     let Some(index) = index else { break };
-                    let made = if mgr.links_exist_any(index) {
-                        mgr.teardown_links(index)
-                            .and_then(|()| mgr.create_links(index))
-                    } else {
-                        mgr.create_links(index)
-                    };
+                    let made = mgr.fresh_links(index);
                     let mut slots = lock(&mgr.slots);
                     slots.making.remove(&index);
                     match made {

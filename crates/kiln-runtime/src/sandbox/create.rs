@@ -85,12 +85,11 @@ pub(crate) async fn boot_with(
             let image = image.map(Path::to_path_buf);
             let disk_mb = resources.disk_mb;
             tokio::task::spawn_blocking(move || {
-                if without_overlay {
-                    return rt2
-                        .runsc
-                        .run_without_overlay(&cid2, &bundle2, &pid_file2, &log2);
-                }
-                let overlay = disk::prepare(&run_dir2, medium, disk_mb)?;
+                let overlay = if without_overlay {
+                    "none".to_string()
+                } else {
+                    disk::prepare(&run_dir2, medium, disk_mb)?
+                };
                 match image {
                     Some(image) => rt2
                         .runsc
