@@ -69,7 +69,7 @@ BASE_ROOTFS="${KILN_BASE_ROOTFS:-/var/lib/kiln/cache/base-rootfs}"
 
 # ensure_runtime_packages: gVisor's runsc (pinned, from bookworm-backports),
 # debootstrap for the base image, nftables, iproute2 and conntrack for sandbox
-# networks.
+# networks, e2fsprogs (mkfs.ext4) for writable layers.
 ensure_runtime_packages() {
   local sources=/etc/apt/sources.list.d/kiln-bookworm-backports.sources
   if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -83,7 +83,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
     _KILN_APT_UPDATED=0
   fi
-  apt_install debootstrap nftables iproute2 conntrack binutils
+  apt_install debootstrap nftables iproute2 conntrack binutils e2fsprogs
   if [[ "$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)" != "$KILN_RUNSC_VERSION" ]]; then
     if ((_KILN_APT_UPDATED == 0)); then
       DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null >/dev/null

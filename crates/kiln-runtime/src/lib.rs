@@ -74,6 +74,7 @@ impl Error {
 }
 
 /// Version of what a snapshot made by this runtime contains. 2: the writable
-/// layer lives on a size-limited tmpfs (`sandbox/disk.rs`); snapshots of
-/// format 1 (in-memory layer) still restore, without the limit.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// layer lives on a size-limited tmpfs (`sandbox/disk.rs`); 3: on a disk-backed
+/// filesystem, with `/tmp` in it. Older snapshots still restore as they were
+/// (format 1, in-memory layer, without the limit).
+pub const SNAPSHOT_FORMAT: u32 = 3;

@@ -228,6 +228,11 @@ impl Runtime {
         self.cfg.data_dir.join("sandboxes").join(id)
     }
 
+    /// Writable-layer images (see `sandbox::disk`): on disk, not in `run_dir`.
+    pub(crate) fn layers_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("layers")
+    }
+
     pub(crate) fn sandbox_run_dir(&self, id: &str) -> PathBuf {
         self.cfg.run_dir.join("sandboxes").join(id)
     }

@@ -69,11 +69,21 @@ const CAPABILITIES: &[&str] = &[
     "CAP_SETFCAP",
 ];
 
-/// Builds the spec of sandbox `id` running `rootfs` in network namespace `netns`.
-pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources) -> Value {
+/// Builds the spec of sandbox `id` running `rootfs` in network namespace
+/// `netns`. `tmp_in_layer`: `/tmp` is the template's own `/tmp`, bound and
+/// overlaid like the root so that its writes go to the writable layer (runsc
+/// would otherwise put an unlimited tmpfs there, in memory); else a tmpfs of
+/// `disk_mb` (snapshots made before, and templates without a `/tmp` dir).
+pub fn sandbox_spec(
+    id: &str,
+    rootfs: &Path,
+    netns: &Path,
+    resources: &Resources,
+    tmp_in_layer: bool,
+) -> Value {
     let caps: Vec<&str> = CAPABILITIES.to_vec();
     let period: u64 = 100_000;
-    json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -101,9 +111,7 @@ pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources
             { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs",
-              "options": ["nosuid", "noexec", "nodev", "ro"] },
-            { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-              "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", resources.disk_mb.max(1))] }
+              "options": ["nosuid", "noexec", "nodev", "ro"] }
         ],
         "linux": {
             "namespaces": [
@@ -120,7 +128,22 @@ pub fn sandbox_spec(id: &str, rootfs: &Path, netns: &Path, resources: &Resources
                 "pids": { "limit": resources.pids }
             }
         }
-    })
+    });
+    let tmp = if tmp_in_layer && tmp_is_a_dir(rootfs) {
+        json!({ "destination": "/tmp", "type": "bind", "source": rootfs.join("tmp"),
+                "options": ["rbind", "rw", "nosuid", "nodev"] })
+    } else {
+        json!({ "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", resources.disk_mb.max(1))] })
+    };
+    spec["mounts"].as_array_mut().expect("mounts").push(tmp);
+    spec
+}
+
+/// Whether `rootfs/tmp` is a directory of the rootfs itself: a symlink there
+/// (an image can hold anything) would bind a host path into the sandbox.
+fn tmp_is_a_dir(rootfs: &Path) -> bool {
+    std::fs::symlink_metadata(rootfs.join("tmp")).is_ok_and(|m| m.is_dir())
 }
 
 /// Writes `spec` as `bundle/config.json`.

@@ -270,8 +270,8 @@ impl Runtime {
             tokio::task::spawn_blocking(move || rt.runsc.checkpoint(&cid2, &tmp2, &log))
                 .await
                 .map_err(|e| Error::io("checkpoint task", std::io::Error::other(e)))??;
-            let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
-            crate::sandbox::disk::mark_complete(&tmp, medium, &self.runsc.platform)?;
+            let layout = crate::sandbox::disk::container_layout(&self.sandbox_run_dir(&cid));
+            crate::sandbox::disk::mark_complete(&tmp, layout, &self.runsc.platform)?;
             let _ = std::fs::remove_dir_all(&snapshot);
             std::fs::rename(&tmp, &snapshot).map_err(|e| Error::io("renaming snapshot", e))?;
             Ok(())

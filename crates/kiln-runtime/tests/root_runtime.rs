@@ -352,6 +352,23 @@ fn leftovers(node: &Node, ids: &[String]) -> Vec<String> {
             .filter(|l| l.trim_start().starts_with("chain sbx-"))
             .map(|l| format!("nft {}", l.trim())),
     );
+    // Loop devices of writable layers (their images are unlinked once attached).
+    for dev in names("/sys/block")
+        .into_iter()
+        .filter(|n| n.starts_with("loop"))
+    {
+        let backing = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+            .unwrap_or_default();
+        if backing.contains(node.dir.to_str().unwrap()) {
+            found.push(format!("loop device {dev}: {}", backing.trim()));
+        }
+    }
+    found.extend(
+        names(node.dir.join("data/layers").to_str().unwrap())
+            .into_iter()
+            .filter(|n| !n.starts_with("empty-"))
+            .map(|n| format!("layer image {n}")),
+    );
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let run_dir = node.dir.join("run");
     found.extend(
@@ -453,7 +470,7 @@ fn root_writable_layer_is_size_limited() {
         let stats = rt.stats(id).unwrap();
         assert_eq!(stats.disk_limit_bytes, 64 * 1024 * 1024, "{stats:?}");
         assert!(stats.disk_bytes > 32 * 1024 * 1024, "{stats:?}");
-        // /tmp (a tmpfs of its own) has the same limit.
+        // /tmp is part of the same layer, which is full.
         let out = write("/tmp/big").await;
         assert!(!out.stdout.contains("rc=0"), "{out:?}");
         // Freed space can be used again.
@@ -479,6 +496,58 @@ fn root_writable_layer_is_size_limited() {
         rt.kill_and_wait(id).await.unwrap();
     });
     rt.delete_template("small-disk").unwrap();
+}
+
+/// The writable layer is on disk: files may outgrow the sandbox's memory
+/// (with a tmpfs layer this sandbox was OOM-killed).
+#[test]
+fn root_files_can_outgrow_memory() {
+    let (node, _g) = node();
+    let rt = &node.rt;
+    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
+        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
+    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let mut meta = TemplateMeta::new("small-memory");
+    meta.resources.memory_mb = 256;
+    meta.resources.disk_mb = 2048;
+    rt.create_template(&meta, base.as_ref(), envd.as_ref())
+        .unwrap();
+    TOKIO.block_on(async {
+        rt.snapshot_template("small-memory").await.unwrap();
+        let req = CreateRequest {
+            template_id: "small-memory".into(),
+            ..create_req(&[])
+        };
+        let sbx = rt.create(req).await.unwrap();
+        let id = sbx.id.as_str();
+        let client = rt.envd(id).unwrap();
+        // 600 MiB of files in a sandbox of 256 MiB, half of it in /tmp.
+        let out = client
+            .run(
+                "set -e; yes kiln-tmp | head -c 300M > /tmp/a; yes kiln-home | head -c 300M > ~/b; \
+                 md5sum /tmp/a ~/b | cut -d' ' -f1",
+                "user",
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        let sums = out.stdout.clone();
+        assert_eq!(sums.lines().count(), 2, "{out:?}");
+        let stats = rt.stats(id).unwrap();
+        assert!(stats.disk_bytes > 600 * 1024 * 1024, "{stats:?}");
+        assert_eq!(stats.disk_limit_bytes, 2048 * 1024 * 1024, "{stats:?}");
+        assert_eq!(rt.info(id).unwrap().state, SandboxState::Running);
+        // The files survive a pause and resume.
+        rt.pause(id).await.unwrap();
+        rt.resume(id).await.unwrap();
+        let out = run(rt, id, "md5sum /tmp/a ~/b | cut -d' ' -f1").await;
+        assert_eq!(out.stdout, sums);
+        rt.kill_and_wait(id).await.unwrap();
+        let left = leftovers(&node, &[id.to_string()]);
+        assert!(left.is_empty(), "{left:?}");
+    });
+    rt.delete_template("small-memory").unwrap();
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::runtime::{
     CreateRequest, Entry, Runtime, SandboxInfo, SandboxRecord, SandboxState, info_of,
     new_sandbox_id, save_record, valid_sandbox_id,
 };
-use crate::sandbox::disk::{self, Medium};
+use crate::sandbox::disk::{self, Layout};
 use crate::template::TemplateMeta;
 
 /// A container that is up and whose envd answers.
@@ -62,13 +62,19 @@ pub(crate) async fn boot_with(
     let run_dir = rt.sandbox_run_dir(cid);
     let bundle = run_dir.join("bundle");
     let log = run_dir.join("runsc.log");
-    let mut spec = crate::spec::sandbox_spec(cid, rootfs, &slot.netns_path, resources);
+    // A restore must use the layout its checkpoint was taken with.
+    let layout = image.map_or(Layout::CURRENT, disk::snapshot_layout);
+    let without_overlay = build.is_some();
+    let mut spec = crate::spec::sandbox_spec(
+        cid,
+        rootfs,
+        &slot.netns_path,
+        resources,
+        layout.tmp_in_layer,
+    );
     if let Some(build) = build {
         build.apply(&mut spec);
     }
-    let without_overlay = build.is_some();
-    // A restore must use the medium its checkpoint was taken with.
-    let medium = image.map_or(Medium::LimitedDir, disk::snapshot_medium);
     let pid_file = run_dir.join("pid");
     let started =
         crate::spec::write_bundle(&bundle, &spec).map_err(|e| Error::io("writing bundle", e));
@@ -84,11 +90,12 @@ pub(crate) async fn boot_with(
             );
             let image = image.map(Path::to_path_buf);
             let disk_mb = resources.disk_mb;
+            let layers = rt.layers_dir();
             tokio::task::spawn_blocking(move || {
                 let overlay = if without_overlay {
                     "none".to_string()
                 } else {
-                    disk::prepare(&run_dir2, medium, disk_mb)?
+                    disk::prepare(&run_dir2, &layers, layout, disk_mb)?
                 };
                 match image {
                     Some(image) => rt2
@@ -128,7 +135,7 @@ pub(crate) async fn boot_with(
     tracing::debug!(
         container = %cid,
         restore = image.is_some(),
-        ?medium,
+        ?layout,
         slot_ms = t_slot.as_secs_f64() * 1e3,
         runsc_ms = (t_runsc - t_slot).as_secs_f64() * 1e3,
         healthy_ms = (t0.elapsed() - t_runsc).as_secs_f64() * 1e3,

@@ -51,8 +51,8 @@ impl Runtime {
             tracing::warn!(error = %e, "pause failed");
             return Err(e);
         }
-        let medium = crate::sandbox::disk::container_medium(&self.sandbox_run_dir(&cid));
-        crate::sandbox::disk::mark_complete(&tmp, medium, &self.runsc.platform)?;
+        let layout = crate::sandbox::disk::container_layout(&self.sandbox_run_dir(&cid));
+        crate::sandbox::disk::mark_complete(&tmp, layout, &self.runsc.platform)?;
         let _ = std::fs::remove_dir_all(&image);
         std::fs::rename(&tmp, &image).map_err(|e| Error::io("renaming snapshot", e))?;
         {
