@@ -544,7 +544,7 @@ fn root_files_can_outgrow_memory() {
         let out = run(rt, id, "md5sum /tmp/a ~/b | cut -d' ' -f1").await;
         assert_eq!(out.stdout, sums);
         rt.kill_and_wait(id).await.unwrap();
-        let left = leftovers(&node, &[id.to_string()]);
+        let left = leftovers(node, &[id.to_string()]);
         assert!(left.is_empty(), "{left:?}");
     });
     rt.delete_template("small-memory").unwrap();
