@@ -148,12 +148,14 @@ pub(crate) fn prepare(
     let upper = upper_dir(run_dir);
     std::fs::create_dir_all(&upper)
         .map_err(|e| Error::io(format!("creating {}", upper.display()), e))?;
+    let started = std::time::Instant::now();
     mount_layer(&upper, layers_dir, disk_mb.max(1)).map_err(|e| {
         Error::io(
             format!("mounting the writable layer at {}", upper.display()),
             e,
         )
     })?;
+    tracing::debug!(took = ?started.elapsed(), disk_mb, "writable layer mounted");
     // `all`: the root and the bind mount of the template's /tmp (the only
     // bind mount of a sandbox) keep their layers side by side in `upper`.
     let mounts = if layout.tmp_in_layer { "all" } else { "root" };
