@@ -32,6 +32,8 @@ cleanup() {
   sleep 0.5
   ip netns list 2>/dev/null | awk '/^kbn/{print $1}' | xargs -r -n1 ip netns delete 2>/dev/null || true
   nft delete table inet kiln_bench 2>/dev/null || true
+  # Writable layers (their loop devices detach once unmounted).
+  awk -v d="$dir/" 'index($2, d) == 1 {print $2}' /proc/mounts | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
