@@ -152,7 +152,7 @@ fn listed_json(app: &App, s: &SandboxRow) -> Value {
         "endAt": rfc3339(s.end_at),
         "cpuCount": s.cpu,
         "memoryMB": s.memory_mb,
-        // The writable layer's limit (it lives in memory, see docs/runtime.md).
+        // The writable layer's limit (see docs/runtime.md).
         "diskSizeMB": crate::lifecycle::DEFAULT_DISK_MB,
         "metadata": s.metadata,
         "state": if s.state == "paused" { "paused" } else { "running" },
