@@ -193,8 +193,12 @@ impl Db {
                         // (rollback journal, fsync on every commit) cost it
                         // ~10 ms here. A power cut can lose the last commits;
                         // it also ends every sandbox of the node.
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -922,4 +926,32 @@ fn team_of(r: &AnyRow) -> Result<Team, sqlx::Error> {
         max_concurrent: r.try_get("max_concurrent")?,
         max_lifetime_s: r.try_get("max_lifetime_s")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_runs_in_wal_mode_without_a_sync_per_commit() {
+        let dir = std::env::temp_dir().join(format!("kiln-db-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.join("kiln.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // 1 = NORMAL: WAL is synced at checkpoints, not at every commit.
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(sync, 1);
+        let team = db.create_team("t", 1, 60).await.unwrap();
+        assert_eq!(db.team_by_name("t").await.unwrap().unwrap().id, team.id);
+        db.pool.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
