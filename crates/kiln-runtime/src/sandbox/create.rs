@@ -228,6 +228,7 @@ impl Runtime {
             {
                 return Ok(taken);
             }
+            let _restoring = self.pools.caller_restore();
             let booted = boot(self, &id, &meta, &rootfs, image.as_deref(), &req.egress).await?;
             let mut client = booted.client.clone();
             if let Err(e) = client.init(&make_init()).await {

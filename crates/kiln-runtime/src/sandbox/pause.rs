@@ -122,6 +122,7 @@ impl Runtime {
         let rootfs = self.template_rootfs(&template_id);
         // A fresh container id: the paused one may still be being deleted.
         let cid = crate::runtime::new_sandbox_id();
+        let _restoring = self.pools.caller_restore();
         let booted =
             crate::sandbox::create::boot(self, &cid, &meta, &rootfs, Some(&image), &egress)
                 .await
