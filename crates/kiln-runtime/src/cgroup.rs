@@ -25,7 +25,10 @@ const THAW_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct SandboxStats {
     /// CPU time used since the container started, in nanoseconds.
     pub cpu_usage_ns: u64,
-    /// Memory charged to the sandbox now.
+    /// Memory charged to the sandbox now, less the page cache the kernel can
+    /// drop at once (inactive file pages, mostly the writable layer's files),
+    /// as `docker stats` counts it: the layer lives on disk, so a sandbox
+    /// holding large files would otherwise look out of memory.
     pub memory_bytes: u64,
     /// Its memory limit (`u64::MAX` when unlimited).
     pub memory_limit_bytes: u64,
@@ -219,7 +222,9 @@ impl Cgroup {
                 let oom = memory.join("memory.oom_control");
                 Ok(SandboxStats {
                     cpu_usage_ns: read_u64(&cpuacct.join("cpuacct.usage"))?,
-                    memory_bytes: read_u64(&memory.join("memory.usage_in_bytes"))?,
+                    memory_bytes: read_u64(&memory.join("memory.usage_in_bytes"))?.saturating_sub(
+                        stat_value(&memory.join("memory.stat"), "total_inactive_file"),
+                    ),
                     memory_limit_bytes: read_u64(&memory.join("memory.limit_in_bytes"))?,
                     // Kernels before 4.13 have no oom_kill line.
                     oom_kills: key_value(&read(&oom)?, "oom_kill").unwrap_or(0),
@@ -232,7 +237,8 @@ impl Cgroup {
                     key_value(&read(&cpu)?, "usage_usec").ok_or_else(|| parse_err(&cpu, ""))?;
                 Ok(SandboxStats {
                     cpu_usage_ns: usage_usec.saturating_mul(1000),
-                    memory_bytes: read_u64(&dir.join("memory.current"))?,
+                    memory_bytes: read_u64(&dir.join("memory.current"))?
+                        .saturating_sub(stat_value(&dir.join("memory.stat"), "inactive_file")),
                     memory_limit_bytes: read_u64(&dir.join("memory.max"))?,
                     oom_kills: key_value(&read(&dir.join("memory.events"))?, "oom_kill")
                         .unwrap_or(0),
@@ -241,6 +247,14 @@ impl Cgroup {
             }
         }
     }
+}
+
+/// A value of a keyed file such as `memory.stat`; 0 when absent.
+fn stat_value(path: &Path, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| key_value(&text, key))
+        .unwrap_or(0)
 }
 
 /// Freezes container `cid` and waits until it is fully frozen. On a timeout
@@ -411,7 +425,13 @@ mod tests {
             "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n",
         )
         .unwrap();
-        std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(dir.join("memory.current"), "12288\n").unwrap();
+        // Inactive file pages (droppable page cache) do not count.
+        std::fs::write(
+            dir.join("memory.stat"),
+            "anon 4096\nfile 8192\ninactive_file 8192\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("memory.max"), "max\n").unwrap();
         std::fs::write(
             dir.join("memory.events"),
