@@ -29,11 +29,38 @@ static TOKIO: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         .unwrap()
 });
 
-static NODE: LazyLock<Node> = LazyLock::new(|| {
+/// The base rootfs and the static envd that templates are made of.
+fn template_inputs() -> (String, String) {
     let base = std::env::var("KILN_TEST_BASE_ROOTFS")
         .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
     let envd = std::env::var("KILN_TEST_ENVD")
         .expect("KILN_TEST_ENVD must name a static envd binary (scripts/build-envd.sh)");
+    (base, envd)
+}
+
+/// Makes and snapshots template `name` with the resources `set` gives it, and
+/// creates a sandbox of it.
+async fn sandbox_of_new_template(
+    rt: &Arc<Runtime>,
+    name: &str,
+    set: impl FnOnce(&mut kiln_runtime::Resources),
+) -> kiln_runtime::SandboxInfo {
+    let (base, envd) = template_inputs();
+    let mut meta = TemplateMeta::new(name);
+    set(&mut meta.resources);
+    rt.create_template(&meta, base.as_ref(), envd.as_ref())
+        .unwrap();
+    rt.snapshot_template(name).await.unwrap();
+    rt.create(CreateRequest {
+        template_id: name.into(),
+        ..create_req(&[])
+    })
+    .await
+    .unwrap()
+}
+
+static NODE: LazyLock<Node> = LazyLock::new(|| {
+    let (base, envd) = template_inputs();
     // Same filesystem as the base rootfs: templates hard-link it.
     let dir = PathBuf::from(format!("/var/tmp/kiln-rt-test-{}", std::process::id()));
     let mut cfg = RuntimeConfig::new(dir.join("data"), dir.join("run"));
@@ -433,20 +460,8 @@ fn root_create_kill_cycles_leave_nothing_behind() {
 fn root_writable_layer_is_size_limited() {
     let (node, _g) = node();
     let rt = &node.rt;
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
-        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
-    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
-    let mut meta = TemplateMeta::new("small-disk");
-    meta.resources.disk_mb = 64;
-    rt.create_template(&meta, base.as_ref(), envd.as_ref())
-        .unwrap();
     TOKIO.block_on(async {
-        rt.snapshot_template("small-disk").await.unwrap();
-        let req = CreateRequest {
-            template_id: "small-disk".into(),
-            ..create_req(&[])
-        };
-        let sbx = rt.create(req).await.unwrap();
+        let sbx = sandbox_of_new_template(rt, "small-disk", |r| r.disk_mb = 64).await;
         let id = sbx.id.as_str();
         let client = rt.envd(id).unwrap();
         let write = |path: &'static str| {
@@ -504,21 +519,12 @@ fn root_writable_layer_is_size_limited() {
 fn root_files_can_outgrow_memory() {
     let (node, _g) = node();
     let rt = &node.rt;
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
-        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
-    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
-    let mut meta = TemplateMeta::new("small-memory");
-    meta.resources.memory_mb = 256;
-    meta.resources.disk_mb = 2048;
-    rt.create_template(&meta, base.as_ref(), envd.as_ref())
-        .unwrap();
     TOKIO.block_on(async {
-        rt.snapshot_template("small-memory").await.unwrap();
-        let req = CreateRequest {
-            template_id: "small-memory".into(),
-            ..create_req(&[])
-        };
-        let sbx = rt.create(req).await.unwrap();
+        let sbx = sandbox_of_new_template(rt, "small-memory", |r| {
+            r.memory_mb = 256;
+            r.disk_mb = 2048;
+        })
+        .await;
         let id = sbx.id.as_str();
         let client = rt.envd(id).unwrap();
         // 600 MiB of files in a sandbox of 256 MiB, half of it in /tmp.
@@ -651,9 +657,7 @@ fn own_node(
     subnet: &'static str,
     prefix: &'static str,
 ) -> (PathBuf, String, String, impl Fn(&str) -> RuntimeConfig) {
-    let base = std::env::var("KILN_TEST_BASE_ROOTFS")
-        .unwrap_or_else(|_| "/var/lib/kiln/cache/base-rootfs".into());
-    let envd = std::env::var("KILN_TEST_ENVD").unwrap();
+    let (base, envd) = template_inputs();
     let dir = PathBuf::from(format!(
         "/var/tmp/kiln-rt-test-{}-{name}",
         std::process::id()

@@ -138,8 +138,7 @@ pub(crate) fn prepare(
     layout: Layout,
     disk_mb: u64,
 ) -> Result<String, Error> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
+    // The run dir exists: the bundle was written into it.
     std::fs::write(run_dir.join(LAYOUT_FILE), layout_lines(layout))
         .map_err(|e| Error::io("writing the layer layout", e))?;
     if layout.medium == Medium::Memory {
@@ -149,7 +148,11 @@ pub(crate) fn prepare(
     std::fs::create_dir_all(&upper)
         .map_err(|e| Error::io(format!("creating {}", upper.display()), e))?;
     let started = std::time::Instant::now();
-    mount_layer(&upper, layers_dir, disk_mb.max(1)).map_err(|e| {
+    let image = layers_dir.join(match run_dir.file_name() {
+        Some(cid) => format!("{}.ext4", cid.to_string_lossy()),
+        None => "layer.ext4".into(),
+    });
+    mount_layer(&upper, layers_dir, &image, disk_mb.max(1)).map_err(|e| {
         Error::io(
             format!("mounting the writable layer at {}", upper.display()),
             e,
@@ -162,26 +165,21 @@ pub(crate) fn prepare(
     Ok(format!("{mounts}:dir={}", upper.display()))
 }
 
-/// Mounts a new, empty ext4 filesystem of `mb` MiB at `upper`.
-fn mount_layer(upper: &Path, layers_dir: &Path, mb: u64) -> std::io::Result<()> {
+/// Mounts a new, empty ext4 filesystem of `mb` MiB at `upper`, kept in
+/// `image` (unlinked once attached).
+fn mount_layer(upper: &Path, layers_dir: &Path, image: &Path, mb: u64) -> std::io::Result<()> {
     use nix::mount::{MsFlags, mount};
     let empty = empty_image(layers_dir, mb)?;
-    let name = upper
-        .parent()
-        .and_then(Path::file_name)
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "layer".into());
-    let image = layers_dir.join(format!("{name}.ext4"));
-    let attached = sparse_copy(&empty, &image).and_then(|()| {
+    let attached = sparse_copy(&empty, image).and_then(|()| {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&image)?;
+            .open(image)?;
         super::loopdev::attach(&file)
     });
     // The loop device holds the file from here on; the kernel frees it when
     // the device detaches.
-    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(image);
     let (dev, _dev_handle) = attached?;
     // Not noexec: gVisor maps the layer's pages executable for programs that
     // live in it.

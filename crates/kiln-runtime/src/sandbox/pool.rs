@@ -16,7 +16,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,7 @@ pub(crate) struct Pools {
     /// while a refill beside a new sandbox's first commands costs them
     /// ~10-20 ms (measured with creates every 0.4 s: p90 335 ms when refills
     /// waited 500 ms after every create, 82-111 ms without).
-    busy: Arc<AtomicUsize>,
+    busy: watch::Sender<usize>,
 }
 
 impl Default for Pools {
@@ -54,7 +53,7 @@ impl Default for Pools {
         Self {
             pools: Mutex::new(HashMap::new()),
             refill: Arc::new(Semaphore::new(1)),
-            busy: Arc::new(AtomicUsize::new(0)),
+            busy: watch::Sender::new(0),
         }
     }
 }
@@ -66,17 +65,17 @@ impl Pools {
 
     /// Marks a restore a caller waits for as in flight until the guard drops.
     pub(crate) fn caller_restore(&self) -> CallerRestore {
-        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.busy.send_modify(|n| *n += 1);
         CallerRestore(self.busy.clone())
     }
 }
 
 /// See [`Pools::caller_restore`].
-pub(crate) struct CallerRestore(Arc<AtomicUsize>);
+pub(crate) struct CallerRestore(watch::Sender<usize>);
 
 impl Drop for CallerRestore {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -182,7 +181,7 @@ impl Runtime {
                 Arc::downgrade(self),
                 pool.clone(),
                 self.pools.refill.clone(),
-                self.pools.busy.clone(),
+                self.pools.busy.subscribe(),
             ));
         } else {
             pool.wake.notify_one();
@@ -363,7 +362,7 @@ async fn refill_loop(
     rt: Weak<Runtime>,
     pool: Arc<Pool>,
     permits: Arc<Semaphore>,
-    busy: Arc<AtomicUsize>,
+    mut busy: watch::Receiver<usize>,
 ) {
     let template_id = pool.template_id.clone();
     let mut backoff = Duration::ZERO;
@@ -409,9 +408,9 @@ async fn refill_loop(
         let Ok(permit) = permits.acquire().await else {
             break;
         };
-        while busy.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // The sender lives as long as the runtime, which this task outlives
+        // only when it is shutting down.
+        let _ = busy.wait_for(|n| *n == 0).await;
         if lock(&pool.state).target == 0 {
             continue;
         }
